@@ -1,0 +1,32 @@
+"""Shared test helpers: offline tokenizer, the fixture checkpoint, a tiny random GPT-2, a loopback HTTP server."""
+import http.server, os, threading
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+if (SHARED / "tiktoken-cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny-gpt2"
+DATA = SHARED / "data" / "instruction-data.json"
+
+import gpt  # noqa: E402  (after the environment is set)
+import torch  # noqa: E402
+
+
+def tiny_model(seed=0, vocab=512, **kw):
+    torch.manual_seed(seed)
+    return gpt.GPT(gpt.GPTConfig(**{"vocab_size": vocab, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, **kw})).eval()
+
+
+@pytest.fixture(autouse=True)
+def _no_home_cache(tmp_path, monkeypatch):
+    """Downloads go to a per-test cache, never the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def serve(handler_cls):
+    """Start a ThreadingHTTPServer on 127.0.0.1 in a daemon thread; returns (base_url, server)."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{srv.server_address[1]}", srv

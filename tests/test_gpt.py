@@ -1,0 +1,198 @@
+"""gpt.py: weights load exactly as transformers computes them, saving round-trips, generation is batch-safe."""
+import http.server, json, os, struct
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import gpt
+from conftest import FIXTURE, serve, tiny_model
+
+REF = json.loads((FIXTURE / "reference.json").read_text())
+
+
+def test_fixture_checkpoint_reproduces_transformers_logits_and_greedy_ids():
+    model = gpt.from_pretrained(str(FIXTURE)).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor(REF["input_ids"]))
+    assert (logits - torch.tensor(REF["logits"])).abs().max() < 1e-4
+    prompt = REF["greedy_prompt"][0]
+    assert prompt + gpt.generate(model, [prompt], 10)[0] == REF["greedy_ids"][0]
+
+
+@pytest.mark.parametrize("prefix,dtype", [("", torch.float32), ("transformer.", torch.float16), ("", torch.bfloat16)])
+def test_loader_accepts_prefixed_keys_and_half_precision_files(tmp_path, prefix, dtype):
+    tensors = gpt.read_safetensors(FIXTURE / "model.safetensors")
+    gpt.write_safetensors(tmp_path / "model.safetensors", {prefix + k: v.to(dtype) for k, v in tensors.items()})
+    (tmp_path / "config.json").write_text((FIXTURE / "config.json").read_text())
+    ids = torch.tensor(REF["input_ids"])
+    with torch.no_grad():
+        got = gpt.from_pretrained(str(tmp_path))(ids)
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    assert (got - torch.tensor(REF["logits"])).abs().max() < tol
+
+
+def test_save_pretrained_round_trips_logits_in_the_hub_layout(tmp_path):
+    model = tiny_model()
+    gpt.save_pretrained(model, tmp_path)
+    header = gpt.read_safetensors(tmp_path / "model.safetensors")
+    assert not any(k.startswith(("transformer.", "lm_head")) for k in header)
+    assert header["h.0.mlp.c_fc.weight"].shape == (32, 128)  # Conv1D layout: (in, out)
+    assert header["h.1.attn.c_attn.weight"].shape == (32, 96)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gpt2"
+    ids = torch.randint(0, 512, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids), gpt.from_pretrained(str(tmp_path))(ids))
+
+
+def test_loader_names_the_tensor_whose_shape_disagrees_with_the_config(tmp_path):
+    tensors = gpt.read_safetensors(FIXTURE / "model.safetensors")
+    tensors["h.1.mlp.c_fc.bias"] = torch.zeros(7)
+    gpt.write_safetensors(tmp_path / "model.safetensors", tensors)
+    (tmp_path / "config.json").write_text((FIXTURE / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.bias: shape \(7,\), config says \(128,\)"):
+        gpt.from_pretrained(str(tmp_path))
+    del tensors["h.1.mlp.c_fc.bias"]
+    gpt.write_safetensors(tmp_path / "model.safetensors", tensors)
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.bias: missing"):
+        gpt.from_pretrained(str(tmp_path))
+
+
+# ---------------------------------------------------------------- generation
+def greedy_without_cache(model, prompt, n, eos_id=None):
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+        if nxt == eos_id:
+            break
+        ids.append(nxt)
+    return ids[len(prompt):]
+
+
+def test_ragged_batch_equals_each_prompt_alone_equals_the_plain_loop():
+    model = tiny_model(seed=1)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 7, 3, 12)]
+    batched = gpt.generate(model, prompts, 15)
+    alone = [gpt.generate(model, [p], 15)[0] for p in prompts]
+    plain = [greedy_without_cache(model, p, 15) for p in prompts]
+    assert batched == alone == plain
+    assert all(len(r) == 15 for r in batched)
+
+
+def test_eos_stops_a_row_and_is_not_returned():
+    model = tiny_model(seed=2)
+    prompts = [[5, 6, 7], [9], [100, 200, 300, 400]]
+    free = gpt.generate(model, prompts, 12)
+    i = next(i for i in range(1, 12) if free[0][i] not in free[0][:i])
+    eos = free[0][i]  # a token row 0 meets first at step i becomes the end-of-text
+    got = gpt.generate(model, prompts, 12, eos_id=eos)
+    assert got[0] == free[0][:i]
+    assert got == [greedy_without_cache(model, p, 12, eos_id=eos) for p in prompts]
+    assert all(eos not in r for r in got)
+
+
+def test_sampling_with_top_k_1_is_greedy():
+    model = tiny_model(seed=3)
+    assert gpt.generate(model, [[1, 2, 3]], 8, temperature=0.7, top_k=1) == gpt.generate(model, [[1, 2, 3]], 8)
+
+
+# ---------------------------------------------------------------- safetensors
+def raw_file(tmp_path, header, data=b"", n=None):
+    head = json.dumps(header).encode() if isinstance(header, dict) else header
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head) if n is None else n) + head + data)
+    return path
+
+
+F4 = {"dtype": "F32", "shape": [1]}
+BAD_FILES = {
+    "truncated": (b"", b"", None, "truncated"),
+    "header length past the end": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 4, 500, "runs past the end"),
+    "header over 100 MB": (b"{}", b"", 200_000_000, "over the 100 MB limit"),
+    "not JSON": (b"{nope", b"", None, "not JSON"),
+    "overlapping": ({"a": {**F4, "data_offsets": [0, 4]}, "b": {**F4, "data_offsets": [2, 6]}}, b"\0" * 6, None, "overlapping"),
+    "hole": ({"a": {**F4, "data_offsets": [0, 4]}, "b": {**F4, "data_offsets": [8, 12]}}, b"\0" * 12, None, "hole"),
+    "size mismatch": ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 12"),
+    "unknown dtype": ({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0", None, "unknown dtype"),
+    "trailing bytes": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 9, None, "file has"),
+    "data cut short": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 2, None, "file has"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_reader_refuses_a_broken_file_naming_the_rule(tmp_path, case):
+    header, data, n, message = BAD_FILES[case]
+    path = raw_file(tmp_path, header, data, n) if case != "truncated" else tmp_path / "t"
+    if case == "truncated":
+        path.write_bytes(b"\1\2\3")
+    with pytest.raises(ValueError, match=message) as err:
+        gpt.read_safetensors(path)
+    assert str(path) in str(err.value)
+
+
+DT = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64])
+SHAPES = st.lists(st.integers(0, 4), min_size=0, max_size=3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.dictionaries(st.text("abc.", min_size=1, max_size=6), st.tuples(DT, SHAPES, st.integers(0, 2**31)), max_size=5))
+def test_safetensors_round_trip_is_exact(tmp_path_factory, spec):
+    tensors = {}
+    for name, (dtype, shape, seed) in spec.items():
+        g = torch.Generator().manual_seed(seed)
+        t = torch.randint(-2**40, 2**40, shape, generator=g) if dtype == torch.int64 else torch.randn(shape, generator=g)
+        tensors[name] = t.to(dtype)
+    path = tmp_path_factory.mktemp("st") / "r.safetensors"
+    gpt.write_safetensors(path, tensors, {"format": "pt"})
+    back = gpt.read_safetensors(path)
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t)
+
+
+# ---------------------------------------------------------------- the hub
+def hub(tmp_path, repo):
+    """A loopback server in the hub's URL layout: resolve/main/FILE redirects to the file, as the hub does."""
+    files = {f"/{repo}/resolve/main/{f}": (FIXTURE / f).read_bytes() for f in ("config.json", "model.safetensors")}
+    hits = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path in files:
+                self.send_response(302)
+                self.send_header("Location", "/blobs" + self.path)
+                self.end_headers()
+            elif self.path.removeprefix("/blobs") in files:
+                body = files[self.path.removeprefix("/blobs")]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_error(404)
+
+        def log_message(self, *a):
+            pass
+    url, srv = serve(Hub)
+    return url, srv, hits
+
+
+def test_hub_download_is_cached_and_a_missing_repo_is_named(tmp_path, monkeypatch):
+    url, srv, hits = hub(tmp_path, "someone/tiny")
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    first = gpt.from_pretrained("someone/tiny")
+    assert len(hits) == 4  # two redirects, two files
+    second = gpt.from_pretrained("someone/tiny")
+    assert len(hits) == 4  # served from the cache
+    assert torch.equal(first.wte.weight, second.wte.weight)
+    cached = os.path.join(os.environ["XDG_CACHE_HOME"], "gpt2-sft", "someone", "tiny")
+    assert sorted(os.listdir(cached)) == ["config.json", "model.safetensors"]
+    with pytest.raises(ValueError, match="model nobody/nothing: .*not found"):
+        gpt.from_pretrained("nobody/nothing")
+    srv.shutdown()
+    srv.server_close()
+    with pytest.raises(ValueError, match="cannot reach"):
+        gpt.from_pretrained("gpt2")
