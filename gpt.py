@@ -158,7 +158,8 @@ ALIASES = {a: f"openai-community/{a}" for a in ("gpt2", "gpt2-medium", "gpt2-lar
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
 
 
-def _download(url, dest, repo):
+def download(url, dest, hint):
+    """Fetch url into dest (atomically) with a progress line on stderr; failures become one clear ValueError."""
     try:
         with urllib.request.urlopen(url, timeout=60) as r:  # follows the hub's redirect
             total, done = int(r.headers.get("Content-Length") or 0), 0
@@ -172,10 +173,16 @@ def _download(url, dest, repo):
             _atomic_write(dest, write)
             print(file=sys.stderr)
     except urllib.error.HTTPError as e:
-        what = "not found (is the name right? e.g. gpt2-medium or owner/name)" if e.code in (401, 404) else f"HTTP {e.code}"
-        raise ValueError(f"model {repo}: {url}: {what}") from None
+        raise ValueError(f"{url}: {'not found' if e.code in (401, 404) else f'HTTP {e.code}'}; {hint}") from None
     except (urllib.error.URLError, TimeoutError) as e:
-        raise ValueError(f"model {repo}: cannot reach {url} ({getattr(e, 'reason', e)}); check the network or HF_ENDPOINT") from None
+        raise ValueError(f"cannot reach {url} ({getattr(e, 'reason', e)}); {hint}") from None
+
+
+def cache_dir(*parts) -> str:
+    """$XDG_CACHE_HOME/gpt2-sft/... (default ~/.cache/gpt2-sft/...), created on first use."""
+    d = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2-sft", *parts)
+    os.makedirs(d, exist_ok=True)
+    return d
 
 
 def checkpoint_dir(name: str) -> str:
@@ -185,12 +192,12 @@ def checkpoint_dir(name: str) -> str:
     repo = ALIASES.get(name, name)
     if repo.count("/") != 1 or os.sep in name and os.path.exists(os.path.dirname(name)):
         raise ValueError(f"model {name}: no such folder, and not a Hugging Face repo name like gpt2-medium or owner/name")
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2-sft", repo)
-    os.makedirs(cache, exist_ok=True)
+    cache = cache_dir(repo)
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     for file in ("config.json", "model.safetensors"):
         if not os.path.exists(os.path.join(cache, file)):
-            _download(f"{endpoint}/{repo}/resolve/main/{file}", os.path.join(cache, file), repo)
+            download(f"{endpoint}/{repo}/resolve/main/{file}", os.path.join(cache, file),
+                     f"is model {repo} a GPT-2 repo (e.g. gpt2-medium, owner/name)? Set HF_ENDPOINT for a mirror")
     return cache
 
 

@@ -1,0 +1,146 @@
+"""sft.py stage 1: entries -> prompts -> tokens -> batches. The collate rules R1-R5 of DESIGN.md as properties."""
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import sft
+from conftest import DATA
+
+EOT, IGN = sft.EOT, sft.IGNORE
+token = st.one_of(st.integers(0, 50255), st.just(EOT))  # end-of-text ids inside the data are common enough
+
+
+@st.composite
+def rows(draw):
+    ids = draw(st.lists(token, min_size=1, max_size=12))
+    return ids, draw(st.integers(1, len(ids)))  # prompt_len = len(ids) happens too
+
+
+batches = st.lists(rows(), min_size=1, max_size=5)
+options = st.fixed_dictionaries({"max_length": st.one_of(st.none(), st.integers(1, 14)), "mask_prompt": st.booleans()})
+
+
+def full(batch, **kw):
+    """The collate without truncation, to compare truncated output against."""
+    return sft.collate(batch, mask_prompt=kw.get("mask_prompt", False))
+
+
+@settings(max_examples=300)
+@given(batches, options)
+def test_R1_inputs_are_the_ids_then_padding(batch, kw):
+    inputs, _ = full(batch, **kw)
+    for row, (ids, _) in zip(inputs.tolist(), batch):
+        assert row == ids + [EOT] * (len(row) - len(ids))
+
+
+@settings(max_examples=300)
+@given(batches)
+def test_R2_targets_are_ids_shifted_then_one_end_of_text_then_ignored(batch):
+    _, targets = sft.collate(batch)
+    for row, (ids, _) in zip(targets.tolist(), batch):
+        n = len(ids)
+        assert row[:n - 1] == ids[1:] and row[n - 1] == EOT and set(row[n:]) <= {IGN}
+        assert sum(t != IGN for t in row) == n  # exactly one end-of-text beyond the ids' own
+
+
+@settings(max_examples=300)
+@given(batches)
+def test_R3_prompt_masking_ignores_exactly_the_prompt_predictions(batch):
+    _, plain = sft.collate(batch)
+    _, masked = sft.collate(batch, mask_prompt=True)
+    for a, b, (ids, plen) in zip(plain.tolist(), masked.tolist(), batch):
+        assert b[:plen - 1] == [IGN] * (plen - 1)
+        assert b[plen - 1:] == a[plen - 1:]
+        assert b[len(ids) - 1] == EOT  # even a row that is all prompt keeps its end-of-text
+
+
+@settings(max_examples=300)
+@given(batches, options)
+def test_R4_truncation_keeps_the_first_max_length_columns(batch, kw):
+    inputs, targets = sft.collate(batch, **kw)
+    whole_in, whole_tg = full(batch, **kw)
+    width = max(len(ids) for ids, _ in batch)
+    assert inputs.shape[1] == targets.shape[1] == min(width, kw["max_length"] or width)
+    assert inputs.tolist() == whole_in[:, :inputs.shape[1]].tolist()
+    assert targets.tolist() == whole_tg[:, :inputs.shape[1]].tolist()
+
+
+@settings(max_examples=300)
+@given(batches, options)
+def test_R5_an_end_of_text_inside_the_ids_stays_a_target(batch, kw):
+    _, targets = sft.collate(batch, **kw)
+    for row, (ids, plen) in zip(targets.tolist(), batch):
+        for j in range(len(row)):
+            if j + 1 < len(ids) and ids[j + 1] == EOT and not (kw["mask_prompt"] and j < plen - 1):
+                assert row[j] == EOT
+
+
+@settings(max_examples=200)
+@given(batches)
+def test_padding_is_per_batch_to_the_longest_row(batch):
+    inputs, targets = sft.collate(batch)
+    assert inputs.shape == targets.shape == (len(batch), max(len(ids) for ids, _ in batch))
+
+
+def test_the_books_worked_example():
+    inputs, targets = sft.collate([([0, 1, 2, 3, 4], 1), ([5, 6], 1), ([7, 8, 9], 1)])
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, EOT, EOT, EOT], [7, 8, 9, EOT, EOT]]
+    assert targets.tolist() == [[1, 2, 3, 4, EOT], [6, EOT, IGN, IGN, IGN], [8, 9, EOT, IGN, IGN]]
+
+
+# ---------------------------------------------------------------- the book's data
+def test_books_split_and_prompt_templates_to_the_character():
+    entries = sft.load_entries(str(DATA))
+    train, val, test = sft.split(entries)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert train == entries[:935] and test == entries[935:1045] and val == entries[1045:]
+    e50, e999 = entries[50], entries[999]
+    assert e50["input"] and not e999["input"]
+    head = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    assert sft.format_prompt(e50) == f"{head}\n\n### Instruction:\n{e50['instruction']}\n\n### Input:\n{e50['input']}\n\n### Response:\n"
+    assert sft.format_prompt(e999) == f"{head}\n\n### Instruction:\n{e999['instruction']}\n\n### Response:\n"
+    assert sft.format_prompt(e50, "phi3") == f"<|user|>\n{e50['instruction']}\n{e50['input']}\n<|assistant|>\n"
+    assert sft.format_prompt(e999, "phi3") == f"<|user|>\n{e999['instruction']}\n<|assistant|>\n"
+
+
+def test_tokens_are_prompt_then_output_and_end_of_text_in_data_is_plain_text():
+    enc = sft.tokenizer()
+    entry = {"instruction": "Say <|endoftext|> twice.", "input": "", "output": "<|endoftext|> <|endoftext|>"}
+    [(ids, plen)] = sft.tokenize([entry], enc)
+    assert EOT not in ids
+    assert enc.decode(ids[:plen]) == sft.format_prompt(entry) and enc.decode(ids[plen:]) == entry["output"]
+
+
+def test_jsonl_files_load_like_json_lists(tmp_path):
+    entries = [{"instruction": "a", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(e) for e in entries) + "\n\n")
+    assert sft.load_entries(str(tmp_path / "d.jsonl")) == entries
+
+
+BAD = {
+    "missing file": (None, r"nope\.json: cannot read the data"),
+    "malformed JSON": ('[{"instruction": "a",\n "output": }]', r"malformed JSON at line 2, column 12"),
+    "malformed JSONL line": ('{"instruction": "a", "output": "b"}\n{oops}', r"malformed JSON at line 2, column 2"),
+    "not a list": ('{"instruction": "a", "output": "b"}', r"expected a JSON list of entries, found a dict"),
+    "entry without output": ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', r"entry 1: 'output' is missing"),
+    "non-string field": ('[{"instruction": "a", "input": 3, "output": "b"}]', r"entry 0: 'input' must be a string, not int"),
+    "entry not an object": ('[{"instruction": "a", "output": "b"}, "hi"]', r"entry 1 is a str"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_data_is_one_clear_error_naming_file_and_entry(tmp_path, case):
+    text, message = BAD[case]
+    path = tmp_path / ("nope.json" if text is None else "d.jsonl" if "JSONL" in case else "d.json")
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        sft.load_entries(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_too_few_entries_to_split_names_the_source():
+    with pytest.raises(ValueError, match=r"small\.json: 9 entries are too few .* at least 10"):
+        sft.split([{"instruction": "a", "output": "b"}] * 9, "small.json")
+    assert [len(x) for x in sft.split([{}] * 10)] == [8, 1, 1]
