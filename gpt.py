@@ -128,6 +128,7 @@ def _atomic_write(path, write):
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -255,12 +256,9 @@ def _pick(logits, temperature, top_k):
 def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None, temperature=0.0, top_k=None) -> list:
     """Continue each prompt (a list of token ids; lengths may differ) in one KV-cached batch; new ids only, no eos."""
     c, dev = model.config, model.wte.weight.device
-    keep = c.n_positions - max_new_tokens  # prompts longer than this lose their oldest tokens
-    if keep < 1 or not all(prompts):
-        raise ValueError(f"generate needs non-empty prompts and max_new_tokens < the {c.n_positions}-token context")
-    prompts = [p[-keep:] for p in prompts]
+    prompts = [p[-(c.n_positions - 1):] for p in prompts]  # keep the newest tokens of an over-long prompt
     B, P = len(prompts), max(map(len, prompts))
-    S = P + max_new_tokens
+    S = min(P + max_new_tokens, c.n_positions)  # generation stops when the context is full
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=dev)  # left-padded so all rows end together
     valid = torch.arange(S, device=dev) >= (P - lens)[:, None]  # (B, S): False on the padding
@@ -269,7 +267,7 @@ def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None, temperature=
              for _ in range(c.n_layer)]
     out, done, start = [], torch.zeros(B, dtype=torch.bool, device=dev), 0
     idx = torch.arange(S, device=dev)
-    for _ in range(max_new_tokens):
+    for _ in range(S - P):
         T = x.shape[1]
         q, k = idx[start:start + T, None], idx[None, :start + T]
         mask = (k <= q) & valid[:, None, :start + T] | (k == q)  # (B, T, S) causal, no padding; pads see themselves

@@ -1,14 +1,17 @@
 """Instruction finetuning of GPT-2: data -> prompts -> tokens -> batches -> training -> responses, and the CLI."""
-import hashlib, json, os, re
+import argparse, hashlib, json, os, re, sys, time
+from dataclasses import asdict, dataclass, field, fields
 
-from gpt import cache_dir, download
+from gpt import GPT, GPTConfig, _atomic_write, cache_dir, download, from_pretrained, generate, save_pretrained
 import torch
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 import tiktoken
 
 DATA_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
 EOT = 50256      # <|endoftext|>: pads the batches and is the one end target each row keeps
 IGNORE = -100    # targets that cross_entropy skips
+RUN_FILE = "run.json"  # the training settings that eval and generate rebuild the data and prompts from
 SPLIT = (0.85, 0.10)  # train and test fractions, as the book; validation gets the rest
 STYLES = {  # (instruction, input when non-empty, response marker)
     "alpaca": ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -95,3 +98,226 @@ def collate(batch, pad_id=EOT, ignore_index=IGNORE, max_length=None, mask_prompt
     inputs, targets = seq[:, :-1], seq[:, 1:].clone()                # target at n-1 is the appended end-of-text
     targets[(col >= n) | (col < p - 1) & mask_prompt] = ignore_index  # padding; and the prompt, if asked
     return (inputs[:, :max_length], targets[:, :max_length]) if max_length else (inputs, targets)
+
+
+# ---------------------------------------------------------------- loss and training
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    model: str = opt("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a local folder, or tiny (random, no download)")
+    data: str = opt(DATA_URL, "instruction data: a JSON/JSONL path or URL")
+    out: str = opt("", "run directory (default runs/<model name>)")
+    style: str = opt("alpaca", "prompt style: " + " or ".join(STYLES))
+    mask_prompt: bool = opt(False, "no loss on the prompt tokens (exercise 7.2)")
+    epochs: int = opt(2, "passes over the training split")
+    batch_size: int = opt(8, "rows per optimizer step")
+    lr: float = opt(0.0, "AdamW learning rate (default: the book's 5e-5; 1e-3 for tiny, which starts from random weights)")
+    weight_decay: float = opt(0.1, "AdamW weight decay")
+    max_length: int = opt(1024, "truncate rows to this many tokens")
+    eval_every: int = opt(5, "steps between loss reports")
+    limit: int = opt(0, "keep only the first N entries before the split (0: all)")
+    seed: int = opt(123, "seed for the shuffling and the tiny model")
+    device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, mps")
+
+    def __post_init__(self):
+        self.lr = self.lr or (1e-3 if self.model == "tiny" else 5e-5)
+        for name in ("epochs", "batch_size", "max_length", "eval_every", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
+        if self.weight_decay < 0 or self.limit < 0 or self.style not in STYLES:
+            raise ValueError(f"--weight-decay and --limit cannot be negative and --style is one of {', '.join(STYLES)}")
+        self.out = self.out or os.path.join("runs", os.path.basename(self.model.rstrip("/")))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_model(name: str, seed: int = 0) -> GPT:
+    """tiny: a random small GPT-2 with the GPT-2 vocabulary (7M parameters); anything else: from_pretrained."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_embd=128, n_layer=4, n_head=4)) if name == "tiny" else from_pretrained(name)
+    if model.config.vocab_size < EOT + 1:
+        raise ValueError(f"model {name} has {model.config.vocab_size} tokens; the GPT-2 tokenizer needs {EOT + 1}")
+    return model
+
+
+def loss_sum(model, inputs, targets, device):
+    """Summed cross-entropy over the non-ignored targets, and how many there were (a token-weighted mean's parts)."""
+    inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, (targets != IGNORE).sum()
+
+
+@torch.no_grad()
+def mean_loss(model, rows, cfg, device) -> float:
+    total, count = 0.0, 0
+    for i in range(0, len(rows), cfg.batch_size):
+        s, n = loss_sum(model, *collate(rows[i:i + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt), device)
+        total, count = total + s.item(), count + n.item()
+    return total / max(count, 1)
+
+
+def train(cfg: TrainConfig):
+    entries = load_entries(cfg.data)[:cfg.limit or None]
+    train_e, val_e, test_e = split(entries, cfg.data)
+    enc, device = tokenizer(), pick_device(cfg.device)
+    model = load_model(cfg.model, cfg.seed).to(device)
+    cfg.max_length = min(cfg.max_length, model.config.n_positions)
+    train_rows, val_rows = tokenize(train_e, enc, cfg.style), tokenize(val_e, enc, cfg.style)
+    steps_per_epoch = len(train_rows) // cfg.batch_size  # shuffled, the last partial batch dropped (as the book)
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_rows)} training entries")
+    cut = sum(len(ids) > cfg.max_length for ids, _ in train_rows + val_rows)
+    log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries"
+        + (f", {cut} cut to --max-length {cfg.max_length}" if cut else ""))
+    log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()):,} parameters, on {device}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    steps, g = steps_per_epoch * cfg.epochs, torch.Generator().manual_seed(cfg.seed)
+    metrics = [dict(step=0, epoch=0, tokens=0, train_loss=mean_loss(model, train_rows[:len(val_rows)], cfg, device),
+                    val_loss=mean_loss(model, val_rows, cfg, device), seconds=0.0)]
+    log(f"initial loss: train {metrics[0]['train_loss']:.3f}, validation {metrics[0]['val_loss']:.3f}")
+    run_loss, run_n, tokens, t0 = torch.zeros((), device=device), torch.zeros((), device=device), 0, time.time()
+    for step in range(1, steps + 1):
+        epoch, i = divmod(step - 1, steps_per_epoch)
+        if i == 0:
+            order = torch.randperm(len(train_rows), generator=g).tolist()
+        batch = [train_rows[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+        model.train()
+        s, n = loss_sum(model, *collate(batch, max_length=cfg.max_length, mask_prompt=cfg.mask_prompt), device)
+        (s / n.clamp(min=1)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        run_loss, run_n = run_loss + s.detach(), run_n + n  # summed on the device: no sync per step
+        tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
+        if step % cfg.eval_every == 0 or step == steps:
+            # train loss from the steps since the last report; validation on the next batch of the validation set
+            # (all of it at the end), so reporting costs a few percent of training, not the book's 40%
+            k = (step // cfg.eval_every * cfg.batch_size) % len(val_rows)
+            val_batch = val_rows if step == steps else (val_rows[k:] + val_rows[:k])[:cfg.batch_size]
+            secs = time.time() - t0
+            metrics.append(dict(step=step, epoch=epoch + 1, tokens=tokens, train_loss=(run_loss / run_n).item(),
+                                val_loss=mean_loss(model, val_batch, cfg, device), seconds=round(secs, 2)))
+            run_loss, run_n = run_loss * 0, run_n * 0
+            log(f"epoch {epoch + 1} step {step}/{steps}: train {metrics[-1]['train_loss']:.3f}, validation "
+                f"{metrics[-1]['val_loss']:.3f}, {tokens / secs:,.0f} tokens/s, {secs:.0f}s elapsed, {secs * (steps - step) / step:.0f}s to go")
+        if i == steps_per_epoch - 1:
+            log(f"epoch {epoch + 1} sample response to {val_e[0]['instruction']!r}: {respond(model, val_e[:1], enc, cfg.style, 50)[0]!r}")
+    log(f"trained {steps} steps in {time.time() - t0:.1f}s; final validation loss {metrics[-1]['val_loss']:.3f}")
+    save_pretrained(model, cfg.out)
+    write_text(os.path.join(cfg.out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
+    write_text(os.path.join(cfg.out, "loss.svg"), loss_svg(metrics))
+    write_text(os.path.join(cfg.out, RUN_FILE), json.dumps(asdict(cfg), indent=2))
+    log(f"saved the run in {cfg.out}/")
+
+
+def loss_svg(metrics, w=640, h=400, pad=50) -> str:
+    """Train and validation loss against steps, as a hand-written SVG line chart."""
+    top, right = max(max(m["train_loss"], m["val_loss"]) for m in metrics) * 1.05, max(metrics[-1]["step"], 1)
+    def pts(key):
+        return " ".join(f"{pad + m['step'] / right * (w - 2 * pad):.1f},{h - pad - m[key] / top * (h - 2 * pad):.1f}" for m in metrics)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">\n'
+            f'<rect width="{w}" height="{h}" fill="white"/>\n'
+            f'<path d="M{pad},{pad} V{h - pad} H{w - pad}" stroke="black" fill="none"/>\n'
+            f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">step (last {right})</text>\n'
+            f'<text x="10" y="{pad - 10}">loss (top {top:.2f})</text>\n'
+            f'<polyline id="train" points="{pts("train_loss")}" stroke="#1f77b4" stroke-width="2" fill="none"/>\n'
+            f'<polyline id="validation" points="{pts("val_loss")}" stroke="#ff7f0e" stroke-width="2" fill="none"/>\n'
+            f'<text x="{w - pad - 90}" y="{pad}" fill="#1f77b4">train</text><text x="{w - pad - 90}" y="{pad + 16}" fill="#ff7f0e">validation</text>\n'
+            '</svg>\n')
+
+
+# ---------------------------------------------------------------- responses
+def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=32) -> list:
+    """Greedy answers to each entry's prompt, batched shortest first; the text of the new tokens only."""
+    model.eval()
+    prompts = [enc.encode_ordinary(format_prompt(e, style)) for e in entries]
+    order, out = sorted(range(len(prompts)), key=lambda i: len(prompts[i])), [""] * len(prompts)
+    for k in range(0, len(order), batch_size):
+        chunk = order[k:k + batch_size]
+        for i, ids in zip(chunk, generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_id=EOT)):
+            out[i] = enc.decode(ids).strip()
+    return out
+
+
+def load_run(out: str):
+    """The trained model and the settings of a run directory written by train."""
+    try:
+        with open(os.path.join(out, RUN_FILE)) as f:
+            cfg = TrainConfig(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        raise ValueError(f"{out}: holds no trained run ({RUN_FILE} missing or unreadable); train one with "
+                         f"python sft.py train --out {out}") from None
+    return load_model(out), cfg
+
+
+def evaluate(out: str, judge_model: str, device: str):
+    model, cfg = load_run(out)
+    model = model.to(pick_device(device))
+    test = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)[2]
+    t0 = time.time()
+    responses = respond(model, test, tokenizer(), cfg.style)
+    path = os.path.join(out, "instruction-data-with-response.json")
+    write_text(path, json.dumps([{**e, "model_response": r} for e, r in zip(test, responses)], indent=2))
+    log(f"{len(test)} test responses in {time.time() - t0:.1f}s -> {path}")
+    import judge  # here, not at the top: judge.py imports this file for the prompt format
+    try:
+        judge.score_file(path, judge_model)
+    except ValueError as e:
+        raise ValueError(f"{e}\nThe responses are saved; score them later with: python judge.py {path}") from None
+
+
+def write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- command line
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Instruction finetuning of GPT-2 (chapter 7 of Build a LLM From Scratch).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="finetune a model and write the run directory")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool" or f.type is bool:
+            tr.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            tr.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"] + f" (default {f.default})")
+    ev = sub.add_parser("eval", help="answer the test split, then score the answers with an Ollama judge")
+    ev.add_argument("--judge", default="llama3", help="Ollama model that scores (default llama3)")
+    ge = sub.add_parser("generate", help="answer one instruction with a trained run (the answer alone on stdout)")
+    ge.add_argument("instruction")
+    ge.add_argument("--input", default="", help="optional input for the instruction")
+    ge.add_argument("--max-new-tokens", type=int, default=256)
+    for p in (ev, ge):
+        p.add_argument("--out", default="runs/gpt2-medium", help="run directory written by train (default runs/gpt2-medium)")
+        p.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "train":
+            train(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}))
+        elif args.cmd == "eval":
+            evaluate(args.out, args.judge, args.device)
+        else:
+            model, cfg = load_run(args.out)
+            enc = tokenizer()
+            entry = {"instruction": args.instruction, "input": args.input, "output": ""}
+            print(respond(model.to(pick_device(args.device)), [entry], enc, cfg.style, args.max_new_tokens)[0])
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: files already written are whole; nothing half-written was left")
+
+
+if __name__ == "__main__":
+    main()

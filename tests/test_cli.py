@@ -1,0 +1,103 @@
+"""sft.py train / eval / generate through the command line: the whole job, the run directory, user errors."""
+import json, os, subprocess, sys, xml.etree.ElementTree as ET
+
+import pytest
+
+import gpt
+import sft
+from conftest import DATA, FIXTURE, ollama
+
+MEMO = [("Name a primary color.", "", "Red."), ("What is 2 plus 2?", "", "Four."), ("Translate to French.", "cat", "chat"),
+        ("Opposite of hot?", "", "Cold."), ("Capital of Italy?", "", "Rome is the capital."),
+        ("Spell dog backwards.", "", "god"), ("Largest planet?", "", "Jupiter."), ("Say yes.", "", "Yes."),
+        ("Color of grass?", "", "Green."), ("Number after nine?", "", "Ten.")]
+
+
+def write_data(path, entries):
+    path.write_text(json.dumps([{"instruction": i, "input": x, "output": o} for i, x, o in entries]))
+    return str(path)
+
+
+def run(capsys, *argv):
+    """sft.main in-process; returns (exit code, stdout, stderr)."""
+    try:
+        sft.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tiny_model_memorises_a_handful_of_entries_and_stops_by_itself(tmp_path, capsys):
+    data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 50,
+                       "--batch-size", 2, "--lr", 2e-3, "--mask-prompt", "--eval-every", 1000)
+    assert code == 0, err
+    for instruction, given, answer in MEMO[:8]:  # the training split: the first 8 of 10
+        code, stdout, _ = run(capsys, "generate", "--out", out, instruction, "--input", given, "--max-new-tokens", 30)
+        assert (code, stdout) == (0, answer + "\n")  # verbatim, and it stopped well before 30 tokens
+
+
+def test_a_local_checkpoint_trains_writes_the_run_directory_and_evaluates(tmp_path, capsys, monkeypatch):
+    gpt.save_pretrained(gpt.GPT(gpt.GPTConfig(n_positions=96, n_embd=32, n_layer=2, n_head=4)), tmp_path / "base")
+    data, out = str(tmp_path / "d.json"), tmp_path / "run"
+    (tmp_path / "d.json").write_text(json.dumps(json.loads(DATA.read_text())[:40]))
+    code, _, err = run(capsys, "train", "--model", tmp_path / "base", "--data", data, "--out", out, "--batch-size", 4, "--eval-every", 3)
+    assert code == 0, err
+    assert {"config.json", "model.safetensors", "metrics.jsonl", "loss.svg", "run.json"} <= set(os.listdir(out))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 3, 6, 9, 12, 15, 16]  # 34 train rows // 4 = 8 steps an epoch
+    assert all({"step", "epoch", "tokens", "train_loss", "val_loss", "seconds"} <= m.keys() for m in metrics)
+    svg = ET.parse(out / "loss.svg").getroot()
+    assert {p.get("id") for p in svg.iter("{http://www.w3.org/2000/svg}polyline")} == {"train", "validation"}
+    url, bodies = ollama(replies=["Score: 80", "70", "I'd rate it 90 out of 100.", "no idea"])
+    monkeypatch.setenv("OLLAMA_HOST", url)
+    code, _, err = run(capsys, "eval", "--out", out)
+    responses = json.loads((out / "instruction-data-with-response.json").read_text())
+    assert len(responses) == 4 and all("model_response" in r for r in responses)
+    scores = json.loads((out / "scores.json").read_text())
+    asked = [s for s, r in zip(scores["scores"], responses) if r["model_response"].strip()]
+    assert len(bodies) == len(asked) and code == 0, err
+    got = [s for s in scores["scores"] if s is not None]
+    assert scores["average"] == pytest.approx(sum(got) / len(got)) and scores["total"] == 4
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    return write_data(tmp_path / "d.json", MEMO)
+
+
+ERRORS = {
+    "missing data": (["train", "--model", "tiny", "--data", "{tmp}/nope.json"], "nope.json: cannot read"),
+    "malformed data": (["train", "--model", "tiny", "--data", "{tmp}/bad.json"], "malformed JSON at line 1"),
+    "too few entries": (["train", "--model", "tiny", "--data", "{data}", "--limit", "9"], "too few to split"),
+    "unknown local model": (["train", "--model", "./no/such/model", "--data", "{data}"], "no such folder"),
+    "vocabulary too small": (["train", "--model", str(FIXTURE), "--data", "{data}"], "has 512 tokens; the GPT-2 tokenizer needs 50257"),
+    "negative epochs": (["train", "--model", "tiny", "--data", "{data}", "--epochs", "-1"], "--epochs must be positive"),
+    "zero batch size": (["train", "--model", "tiny", "--data", "{data}", "--batch-size", "0"], "--batch-size must be positive"),
+    "eval of an empty folder": (["eval", "--out", "{tmp}"], "holds no trained run"),
+    "generate of an empty folder": (["generate", "--out", "{tmp}", "hi"], "holds no trained run"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_user_errors_are_one_line_and_a_nonzero_exit(tmp_path, capsys, small_data, case):
+    argv, message = ERRORS[case]
+    (tmp_path / "bad.json").write_text("[{")
+    argv = [a.format(tmp=tmp_path, data=small_data) for a in argv] + (["--out", str(tmp_path / "run")] if argv[0] == "train" else [])
+    code, out, err = run(capsys, *argv)
+    assert isinstance(code, str) and code.startswith("error: ") and message in code and "\n" not in code
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_hub_404_through_the_cli_is_one_line_without_traceback(tmp_path, small_data):
+    from conftest import serve
+    import http.server
+    url, _ = serve(http.server.SimpleHTTPRequestHandler)  # serves this folder: every hub path is a 404
+    env = {**os.environ, "HF_ENDPOINT": url}
+    p = subprocess.run([sys.executable, "sft.py", "train", "--model", "nobody/nothing", "--data", small_data, "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=os.path.dirname(sft.__file__))
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: ") and "nobody/nothing" in p.stderr and "not found" in p.stderr
+    assert not (tmp_path / "run").exists()
