@@ -1,11 +1,11 @@
 """GPT-2 in one file: the model, safetensors I/O, Hugging Face checkpoints in and out, batched generation."""
 import ctypes, json, math, os, sys, tempfile, urllib.error, urllib.request, warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 warnings.filterwarnings("ignore", "Failed to initialize NumPy")  # torch warns when numpy is absent; we never use it
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 @dataclass
 class GPTConfig:
@@ -15,7 +15,6 @@ class GPTConfig:
     n_layer: int = 12               # transformer blocks
     n_head: int = 12                # attention heads per block (n_embd % n_head == 0)
     layer_norm_epsilon: float = 1e-5
-
 
 # ---------------------------------------------------------------- the model
 class Attention(nn.Module):
@@ -34,26 +33,17 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
-
-class MLP(nn.Module):
-    def __init__(self, c: GPTConfig):
-        super().__init__()
-        self.c_fc, self.c_proj = nn.Linear(c.n_embd, 4 * c.n_embd), nn.Linear(4 * c.n_embd, c.n_embd)
-
-    def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-
-
 class Block(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
         self.ln_1, self.attn = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon), Attention(c)
-        self.ln_2, self.mlp = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon), MLP(c)
+        self.ln_2 = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(c.n_embd, 4 * c.n_embd), gelu=nn.GELU(approximate="tanh"),
+                                             c_proj=nn.Linear(4 * c.n_embd, c.n_embd)))
 
     def forward(self, x, mask=None, kv=None, start=0):
         x = x + self.attn(self.ln_1(x), mask, kv, start)  # pre-LayerNorm residual blocks
         return x + self.mlp(self.ln_2(x))
-
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -75,13 +65,43 @@ class GPT(nn.Module):
         x = self.ln_f(x[:, -1:] if last_only else x)
         return F.linear(x, self.wte.weight)  # output head tied to the token embedding
 
+# ---------------------------------------------------------------- low-rank adapters (LoRA)
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank update: y = base(x) + (alpha / r) * x A^T B^T, with B starting at 0."""
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.A = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / base.in_features ** 0.5)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+
+    def forward(self, x):  # through the rank-r bottleneck: the frozen weight gets no gradient work
+        return self.base(x) + (x @ self.A.t()) @ self.B.t() * self.scale
+
+def _swap_linears(model: GPT, swap):
+    for module in list(model.h.modules()):
+        for name, child in list(module.named_children()):
+            setattr(module, name, swap(child))
+
+def add_lora(model: GPT, rank: int, alpha: float) -> GPT:
+    """Freeze every weight and wrap each Linear of the blocks in a LoRALinear."""
+    model.requires_grad_(False)
+    _swap_linears(model, lambda m: LoRALinear(m, rank, alpha) if isinstance(m, nn.Linear) else m)
+    return model
+
+@torch.no_grad()
+def merge_lora(model: GPT) -> GPT:
+    """Fold each adapter into its base weight (W += scale * B A) and unwrap it: a plain GPT-2 again."""
+    for m in model.h.modules():
+        if isinstance(m, LoRALinear):
+            m.base.weight += m.scale * m.B @ m.A
+    _swap_linears(model, lambda m: m.base if isinstance(m, LoRALinear) else m)
+    return model.requires_grad_(True)
 
 # ---------------------------------------------------------------- safetensors
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 MAX_HEADER = 100_000_000
-
 
 def read_safetensors(path) -> dict:
     """Memory-map a .safetensors file into {name: tensor}, checking every rule of the format."""
@@ -90,12 +110,11 @@ def read_safetensors(path) -> dict:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        if size < 8:
-            raise bad(f"truncated: {size} bytes, shorter than the 8-byte header length")
-        if n > MAX_HEADER:
-            raise bad(f"header of {n} bytes is over the {MAX_HEADER // 1_000_000} MB limit")
-        if 8 + n > size:
-            raise bad(f"header length {n} runs past the end of the {size}-byte file")
+        for broken, rule in ((size < 8, f"truncated: {size} bytes, shorter than the 8-byte header length"),
+                             (n > MAX_HEADER, f"header of {n} bytes is over the {MAX_HEADER // 1_000_000} MB limit"),
+                             (8 + n > size, f"header length {n} runs past the end of the {size}-byte file")):
+            if broken:
+                raise bad(rule)
         try:
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)
@@ -107,20 +126,16 @@ def read_safetensors(path) -> dict:
         if dtype not in DTYPES:
             raise bad(f"tensor {name} has unknown dtype {dtype!r}")
         if b != end:
-            raise bad(f"tensor {name} starts at {b}, {'overlapping' if b < end else 'leaving a hole after'} the data before it (ends at {end})")
-        if e - b != math.prod(shape) * DTYPES[dtype].itemsize:
-            raise bad(f"tensor {name} spans {e - b} bytes but {dtype} x {shape} needs {math.prod(shape) * DTYPES[dtype].itemsize}")
+            raise bad(f"tensor {name} starts at {b}, {'overlapping' if b < end else 'leaving a hole after'} the data before it, which ends at {end}")
+        if e - b != (need := math.prod(shape) * DTYPES[dtype].itemsize):
+            raise bad(f"tensor {name} spans {e - b} bytes but {dtype} x {shape} needs {need}")
         end = e
     if 8 + n + end != size:
         raise bad(f"data ends at byte {8 + n + end} but the file has {size} bytes")
     raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(path), False, size))  # private mmap
-    out = {}
-    for (b, e), name, dtype, shape in entries:
-        t = raw[8 + n + b:8 + n + e]
-        t = t if (8 + n + b) % DTYPES[dtype].itemsize == 0 else t.clone()  # unaligned data cannot be viewed in place
-        out[name] = t.view(DTYPES[dtype]).view(shape)
-    return out
-
+    views = {name: (raw[8 + n + b:8 + n + e], DTYPES[dtype], shape) for (b, e), name, dtype, shape in entries}
+    # unaligned data cannot be viewed in place and is copied; aligned data (the norm) stays mapped
+    return {k: (t if t.storage_offset() % dt.itemsize == 0 else t.clone()).view(dt).view(shape) for k, (t, dt, shape) in views.items()}
 
 def _atomic_write(path, write):
     """Write through a temp file in the same folder, then rename: a crash never leaves a half file."""
@@ -133,7 +148,6 @@ def _atomic_write(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
-
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None):
     names = {dt: k for k, dt in DTYPES.items()}
@@ -153,24 +167,20 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
                 f.write((ctypes.c_char * b.numel()).from_address(b.data_ptr()))
     _atomic_write(path, write)
 
-
 # ---------------------------------------------------------------- Hugging Face checkpoints
 ALIASES = {a: f"openai-community/{a}" for a in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
-
 
 def download(url, dest, hint):
     """Fetch url into dest (atomically) with a progress line on stderr; failures become one clear ValueError."""
     try:
         with urllib.request.urlopen(url, timeout=60) as r:  # follows the hub's redirect
-            total, done = int(r.headers.get("Content-Length") or 0), 0
+            total = int(r.headers.get("Content-Length") or 0)
 
             def write(f):
-                nonlocal done
                 while chunk := r.read(1 << 22):
                     f.write(chunk)
-                    done += len(chunk)
-                    print(f"\rdownloading {url}: {done / 1e6:.0f}/{total / 1e6:.0f} MB", end="", file=sys.stderr)
+                    print(f"\rdownloading {url}: {f.tell() / 1e6:.0f}/{total / 1e6:.0f} MB", end="", file=sys.stderr)
             _atomic_write(dest, write)
             print(file=sys.stderr)
     except urllib.error.HTTPError as e:
@@ -178,13 +188,11 @@ def download(url, dest, hint):
     except (urllib.error.URLError, TimeoutError) as e:
         raise ValueError(f"cannot reach {url} ({getattr(e, 'reason', e)}); {hint}") from None
 
-
 def cache_dir(*parts) -> str:
     """$XDG_CACHE_HOME/gpt2-sft/... (default ~/.cache/gpt2-sft/...), created on first use."""
     d = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2-sft", *parts)
     os.makedirs(d, exist_ok=True)
     return d
-
 
 def checkpoint_dir(name: str) -> str:
     """A local folder holding config.json + model.safetensors: given, or downloaded once into the cache."""
@@ -201,7 +209,6 @@ def checkpoint_dir(name: str) -> str:
                      f"is model {repo} a GPT-2 repo (e.g. gpt2-medium, owner/name)? Set HF_ENDPOINT for a mirror")
     return cache
 
-
 def from_pretrained(name_or_dir: str) -> GPT:
     """Load a GPT-2 checkpoint in the Hugging Face layout: an alias, an owner/name repo, or a local folder."""
     d = checkpoint_dir(name_or_dir)
@@ -211,7 +218,7 @@ def from_pretrained(name_or_dir: str) -> GPT:
     try:
         with open(os.path.join(d, "config.json")) as f:
             raw = json.load(f)
-        config = GPTConfig(**{k.name: raw[k.name] for k in fields(GPTConfig) if k.name in raw or k.default is None})
+        config = GPTConfig(**{k.name: raw[k.name] for k in fields(GPTConfig) if k.name in raw})
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{d}/config.json: not a GPT-2 config ({e})") from None
     sd = {}
@@ -230,7 +237,6 @@ def from_pretrained(name_or_dir: str) -> GPT:
     model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)  # F32 stays memory-mapped
     return model
 
-
 def save_pretrained(model: GPT, out_dir: str):
     """Write config.json + model.safetensors in the hub layout (no prefix, Conv1D weights (in, out), no lm_head)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -240,18 +246,7 @@ def save_pretrained(model: GPT, out_dir: str):
     write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
     _atomic_write(os.path.join(out_dir, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
 
-
 # ---------------------------------------------------------------- generation
-def _pick(logits, temperature, top_k):
-    """(B, vocab) logits -> (B,) next ids: argmax at temperature 0, else a sample from the top k."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.shape[-1])).values[:, -1:], -math.inf)
-    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
-
-
 @torch.no_grad()
 def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None, temperature=0.0, top_k=None) -> list:
     """Continue each prompt (a list of token ids; lengths may differ) in one KV-cached batch; new ids only, no eos."""
@@ -259,20 +254,23 @@ def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None, temperature=
     prompts = [p[-(c.n_positions - 1):] for p in prompts]  # keep the newest tokens of an over-long prompt
     B, P = len(prompts), max(map(len, prompts))
     S = min(P + max_new_tokens, c.n_positions)  # generation stops when the context is full
-    lens = torch.tensor([len(p) for p in prompts], device=dev)
     x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=dev)  # left-padded so all rows end together
-    valid = torch.arange(S, device=dev) >= (P - lens)[:, None]  # (B, S): False on the padding
+    valid = torch.arange(S, device=dev) >= torch.tensor([P - len(p) for p in prompts], device=dev)[:, None]  # (B, S)
     pos = (valid.cumsum(1) - 1).clamp(min=0)                    # (B, S): each row's positions start at 0
     cache = [torch.empty(2, B, c.n_head, S, c.n_embd // c.n_head, device=dev, dtype=model.wte.weight.dtype)
              for _ in range(c.n_layer)]
-    out, done, start = [], torch.zeros(B, dtype=torch.bool, device=dev), 0
-    idx = torch.arange(S, device=dev)
+    out, done, start, idx = [], torch.zeros(B, dtype=torch.bool, device=dev), 0, torch.arange(S, device=dev)
     for _ in range(S - P):
         T = x.shape[1]
         q, k = idx[start:start + T, None], idx[None, :start + T]
         mask = (k <= q) & valid[:, None, :start + T] | (k == q)  # (B, T, S) causal, no padding; pads see themselves
         logits = model(x, pos[:, start:start + T], mask[:, None], cache, start, last_only=True)[:, -1]
-        nxt = _pick(logits, temperature, top_k)
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:  # sample from the top_k most likely (all when top_k is None)
+            logits = logits.float() / temperature
+            logits[logits < logits.topk(min(top_k or c.vocab_size, c.vocab_size)).values[:, -1:]] = -math.inf
+            nxt = torch.multinomial(logits.softmax(-1), 1)[:, 0]
         out.append(nxt)
         done |= nxt == eos_id
         if done.all():

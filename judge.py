@@ -7,20 +7,17 @@ JUDGE = "llama3"
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # deterministic, as the book
 TIMEOUT = 300  # seconds; the first reply waits for Ollama to load the model, which can take a minute or more
 
-
 def judge_prompt(entry: dict, response: str) -> str:
     """The book's scoring prompt, to the character, so averages compare with its 50.32."""
     prompt = format_prompt(entry).removesuffix(STYLES["alpaca"][2])
     return (f"Given the input `{prompt}` and correct output `{entry['output']}`, score the model response `{response}`"
             f" on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only.")
 
-
 def server(url=None) -> str:
     """url, else OLLAMA_HOST (host:port or a full URL), else http://localhost:11434."""
     url = url or os.environ.get("OLLAMA_HOST") or "localhost"
     u = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
     return f"{u.scheme}://{u.hostname or '127.0.0.1'}:{u.port or 11434}"
-
 
 def _request(url, path, body=None, model=JUDGE, timeout=10):
     req = urllib.request.Request(url + path, json.dumps(body).encode() if body else None, {"Content-Type": "application/json"})
@@ -36,7 +33,6 @@ def _request(url, path, body=None, model=JUDGE, timeout=10):
         raise ValueError(f"cannot reach Ollama at {url} ({getattr(e, 'reason', e)}): start it with `ollama serve` "
                          "(install from https://ollama.com), or point OLLAMA_HOST / --url at it") from None
 
-
 def preflight(model=JUDGE, url=None):
     """Is a server there, and is the judge model pulled? Answers in a second, before any scoring."""
     url = server(url)
@@ -47,7 +43,6 @@ def preflight(model=JUDGE, url=None):
     if model not in names and f"{model}:latest" not in names:
         raise ValueError(f"judge model {model} is not pulled on {url} (it has: {', '.join(sorted(names)) or 'none'}): "
                          f"run `ollama pull {model}`")
-
 
 def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
     """One chat turn; reads the NDJSON stream (or the single object of a non-streamed reply)."""
@@ -69,13 +64,11 @@ def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
         raise ValueError(f"Ollama at {url} did not finish a reply within {timeout}s; try again, or raise --timeout")
     return text
 
-
 def parse_score(reply: str):
     """The 0-100 score in a judge's reply ("85", "Score: 85", "85/100", "... an 85 out of 100."), else None."""
     m = re.search(r"(\d+(?:\.\d+)?)\s*(?:/|out of)\s*100\b", reply) or re.search(r"\d+(?:\.\d+)?", reply)
     score = float(m.group(1) if m.groups() else m.group()) if m else None
     return (int(score) if score.is_integer() else score) if score is not None and 0 <= score <= 100 else None
-
 
 def score_file(path: str, model=JUDGE, key="model_response", url=None, timeout=TIMEOUT) -> dict:
     """Score every entry's response, write scores.json beside the file, print the average."""
@@ -95,7 +88,6 @@ def score_file(path: str, model=JUDGE, key="model_response", url=None, timeout=T
     print(f"\nAverage score: {result['average'] or 0:.2f} ({len(done)} of {len(scores)} scored)", file=sys.stderr)
     return result
 
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Score model responses with a local Ollama judge (the book's prompt).")
     ap.add_argument("file", help="JSON list of entries with the response under --key (the book's format)")
@@ -110,7 +102,6 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: no scores written")
-
 
 if __name__ == "__main__":
     main()

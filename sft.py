@@ -2,7 +2,7 @@
 import argparse, hashlib, json, os, re, sys, time
 from dataclasses import asdict, dataclass, field, fields
 
-from gpt import GPT, GPTConfig, _atomic_write, cache_dir, download, from_pretrained, generate, save_pretrained
+from gpt import GPT, GPTConfig, _atomic_write, add_lora, cache_dir, download, from_pretrained, generate, merge_lora, save_pretrained
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -19,7 +19,6 @@ STYLES = {  # (instruction, input when non-empty, response marker)
     "phi3": ("<|user|>\n{instruction}", "\n{input}", "\n<|assistant|>\n"),
 }
 
-
 # ---------------------------------------------------------------- data
 def _json_lines(text: str) -> list:
     """The JSON values of a .jsonl text, one after another (errors keep their line and column)."""
@@ -28,7 +27,6 @@ def _json_lines(text: str) -> list:
         value, pos = decoder.raw_decode(text, pos)
         out.append(value)
     return out
-
 
 def load_entries(source: str = DATA_URL) -> list:
     """A JSON list (or .jsonl) of {instruction, input?, output} from a path or URL (downloaded once, cached)."""
@@ -56,12 +54,10 @@ def load_entries(source: str = DATA_URL) -> list:
                 raise ValueError(f"{path}: entry {i}: {key!r} " + (f"must be a string, not {type(e[key]).__name__}" if key in e else "is missing"))
     return data
 
-
 def format_prompt(entry: dict, style: str = "alpaca") -> str:
     """The prompt up to and including the response marker; training appends the output, inference generates it."""
     head, extra, marker = STYLES[style]
     return head.format(instruction=entry["instruction"]) + (extra.format(input=entry["input"]) if entry.get("input") else "") + marker
-
 
 def split(entries: list, source: str = "data") -> tuple:
     """(train, val, test) in file order, with the book's arithmetic: 935 / 55 / 110 of 1,100."""
@@ -71,20 +67,17 @@ def split(entries: list, source: str = "data") -> tuple:
         raise ValueError(f"{source}: {len(entries)} entries are too few to split into train, validation and test (need at least 10)")
     return train, val, test
 
-
 def tokenizer():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken fetches its files once; offline it fails in several ways
         raise ValueError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); go online once or set TIKTOKEN_CACHE_DIR") from None
 
-
 def tokenize(entries: list, enc, style: str = "alpaca") -> list:
     """[(ids, prompt_len)]: ids = enc(prompt) + enc(output); <|endoftext|> in the text stays plain text."""
     prompts = enc.encode_ordinary_batch([format_prompt(e, style) for e in entries])
     outputs = enc.encode_ordinary_batch([e["output"] for e in entries])
     return [(p + o, len(p)) for p, o in zip(prompts, outputs)]
-
 
 # ---------------------------------------------------------------- batches
 def collate(batch, pad_id=EOT, ignore_index=IGNORE, max_length=None, mask_prompt=False):
@@ -99,44 +92,45 @@ def collate(batch, pad_id=EOT, ignore_index=IGNORE, max_length=None, mask_prompt
     targets[(col >= n) | (col < p - 1) & mask_prompt] = ignore_index  # padding; and the prompt, if asked
     return (inputs[:, :max_length], targets[:, :max_length]) if max_length else (inputs, targets)
 
-
 # ---------------------------------------------------------------- loss and training
 def opt(default, help):
     return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class TrainConfig:
     model: str = opt("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a local folder, or tiny (random, no download)")
     data: str = opt(DATA_URL, "instruction data: a JSON/JSONL path or URL")
     out: str = opt("", "run directory (default runs/<model name>)")
-    style: str = opt("alpaca", "prompt style: " + " or ".join(STYLES))
+    style: str = opt("alpaca", "prompt style: " + " or ".join(STYLES) + " (exercise 7.1)")
     mask_prompt: bool = opt(False, "no loss on the prompt tokens (exercise 7.2)")
     epochs: int = opt(2, "passes over the training split")
-    batch_size: int = opt(8, "rows per optimizer step")
+    batch_size: int = opt(8, "rows per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step, token-weighted (exercise 7.3)")
     lr: float = opt(0.0, "AdamW learning rate (default: the book's 5e-5; 1e-3 for tiny, which starts from random weights)")
     weight_decay: float = opt(0.1, "AdamW weight decay")
     max_length: int = opt(1024, "truncate rows to this many tokens")
-    eval_every: int = opt(5, "steps between loss reports")
+    lora_rank: int = opt(0, "train low-rank adapters of this rank instead of all weights (exercise 7.4; 0: off)")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: updates are (alpha / rank) * B A")
+    eval_every: int = opt(5, "optimizer steps between loss reports")
     limit: int = opt(0, "keep only the first N entries before the split (0: all)")
     seed: int = opt(123, "seed for the shuffling and the tiny model")
     device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    compile: bool = opt(False, "torch.compile the model (faster steps on a GPU after a warm-up)")
 
     def __post_init__(self):
         self.lr = self.lr or (1e-3 if self.model == "tiny" else 5e-5)
-        for name in ("epochs", "batch_size", "max_length", "eval_every", "lr"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_every", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
-        if self.weight_decay < 0 or self.limit < 0 or self.style not in STYLES:
-            raise ValueError(f"--weight-decay and --limit cannot be negative and --style is one of {', '.join(STYLES)}")
+        if min(self.weight_decay, self.limit, self.lora_rank) < 0 or self.style not in STYLES:
+            raise ValueError(f"--weight-decay, --limit and --lora-rank cannot be negative; --style is one of {', '.join(STYLES)}")
         self.out = self.out or os.path.join("runs", os.path.basename(self.model.rstrip("/")))
-
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls where there is a GPU
     return torch.device(name)
-
 
 def load_model(name: str, seed: int = 0) -> GPT:
     """tiny: a random small GPT-2 with the GPT-2 vocabulary (7M parameters); anything else: from_pretrained."""
@@ -146,93 +140,95 @@ def load_model(name: str, seed: int = 0) -> GPT:
         raise ValueError(f"model {name} has {model.config.vocab_size} tokens; the GPT-2 tokenizer needs {EOT + 1}")
     return model
 
-
 def loss_sum(model, inputs, targets, device):
-    """Summed cross-entropy over the non-ignored targets, and how many there were (a token-weighted mean's parts)."""
+    """Cross-entropy summed over the non-ignored targets (divide by their count for the token-weighted mean)."""
     inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(inputs)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, (targets != IGNORE).sum()
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
+def backward(model, micro, device):
+    """Gradients of the token-weighted mean loss over micro-batches [(inputs, targets)]: the same as one batch of all."""
+    total = sum(int((t != IGNORE).sum()) for _, t in micro)  # counted on the CPU: no device sync
+    loss = sum(_backward(loss_sum(model, x, y, device), max(total, 1)) for x, y in micro)
+    return loss, total
+
+def _backward(loss, total):
+    (loss / total).backward()
+    return loss.detach()
 
 @torch.no_grad()
 def mean_loss(model, rows, cfg, device) -> float:
-    total, count = 0.0, 0
-    for i in range(0, len(rows), cfg.batch_size):
-        s, n = loss_sum(model, *collate(rows[i:i + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt), device)
-        total, count = total + s.item(), count + n.item()
-    return total / max(count, 1)
-
+    batches = [collate(rows[i:i + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
+               for i in range(0, len(rows), cfg.batch_size)]
+    return sum(loss_sum(model, x, y, device).item() for x, y in batches) / max(sum(int((y != IGNORE).sum()) for _, y in batches), 1)
 
 def train(cfg: TrainConfig):
-    entries = load_entries(cfg.data)[:cfg.limit or None]
-    train_e, val_e, test_e = split(entries, cfg.data)
+    train_e, val_e, test_e = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)
     enc, device = tokenizer(), pick_device(cfg.device)
     model = load_model(cfg.model, cfg.seed).to(device)
     cfg.max_length = min(cfg.max_length, model.config.n_positions)
     train_rows, val_rows = tokenize(train_e, enc, cfg.style), tokenize(val_e, enc, cfg.style)
-    steps_per_epoch = len(train_rows) // cfg.batch_size  # shuffled, the last partial batch dropped (as the book)
+    rows_per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = len(train_rows) // rows_per_step  # shuffled, the last partial batch dropped (as the book)
     if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_rows)} training entries")
+        raise ValueError(f"--batch-size x --grad-accum = {rows_per_step} is more than the {len(train_rows)} training entries")
     cut = sum(len(ids) > cfg.max_length for ids, _ in train_rows + val_rows)
-    log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries"
-        + (f", {cut} cut to --max-length {cfg.max_length}" if cut else ""))
-    log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()):,} parameters, on {device}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; {cut} cut to --max-length {cfg.max_length}")
+    if cfg.lora_rank:
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    params = [p for p in model.parameters() if p.requires_grad]
+    log(f"model: {cfg.model} on {device}, {sum(p.numel() for p in params):,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    step_model = torch.compile(model) if cfg.compile else model
     steps, g = steps_per_epoch * cfg.epochs, torch.Generator().manual_seed(cfg.seed)
     metrics = [dict(step=0, epoch=0, tokens=0, train_loss=mean_loss(model, train_rows[:len(val_rows)], cfg, device),
                     val_loss=mean_loss(model, val_rows, cfg, device), seconds=0.0)]
     log(f"initial loss: train {metrics[0]['train_loss']:.3f}, validation {metrics[0]['val_loss']:.3f}")
-    run_loss, run_n, tokens, t0 = torch.zeros((), device=device), torch.zeros((), device=device), 0, time.time()
+    run_loss, run_n, tokens, t0 = torch.zeros((), device=device), 0, 0, time.time()
     for step in range(1, steps + 1):
         epoch, i = divmod(step - 1, steps_per_epoch)
         if i == 0:
             order = torch.randperm(len(train_rows), generator=g).tolist()
-        batch = [train_rows[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+        batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
         model.train()
-        s, n = loss_sum(model, *collate(batch, max_length=cfg.max_length, mask_prompt=cfg.mask_prompt), device)
-        (s / n.clamp(min=1)).backward()
+        loss, n = backward(step_model, [collate(batch[k:k + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
+                                        for k in range(0, rows_per_step, cfg.batch_size)], device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        run_loss, run_n = run_loss + s.detach(), run_n + n  # summed on the device: no sync per step
+        run_loss, run_n = run_loss + loss, run_n + n  # summed on the device: no sync per step
         tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
         if step % cfg.eval_every == 0 or step == steps:
             # train loss from the steps since the last report; validation on the next batch of the validation set
             # (all of it at the end), so reporting costs a few percent of training, not the book's 40%
             k = (step // cfg.eval_every * cfg.batch_size) % len(val_rows)
-            val_batch = val_rows if step == steps else (val_rows[k:] + val_rows[:k])[:cfg.batch_size]
             secs = time.time() - t0
-            metrics.append(dict(step=step, epoch=epoch + 1, tokens=tokens, train_loss=(run_loss / run_n).item(),
-                                val_loss=mean_loss(model, val_batch, cfg, device), seconds=round(secs, 2)))
-            run_loss, run_n = run_loss * 0, run_n * 0
-            log(f"epoch {epoch + 1} step {step}/{steps}: train {metrics[-1]['train_loss']:.3f}, validation "
-                f"{metrics[-1]['val_loss']:.3f}, {tokens / secs:,.0f} tokens/s, {secs:.0f}s elapsed, {secs * (steps - step) / step:.0f}s to go")
+            metrics.append(dict(step=step, epoch=epoch + 1, tokens=tokens, train_loss=run_loss.item() / max(run_n, 1), seconds=round(secs, 2),
+                                val_loss=mean_loss(model, val_rows if step == steps else (val_rows[k:] + val_rows[:k])[:cfg.batch_size], cfg, device)))
+            run_loss, run_n = run_loss * 0, 0
+            log(f"epoch {epoch + 1} step {step}/{steps}: train {metrics[-1]['train_loss']:.3f}, validation {metrics[-1]['val_loss']:.3f}, "
+                f"{tokens / secs:,.0f} tokens/s, {secs:.0f}s elapsed, {secs * (steps - step) / step:.0f}s to go")
         if i == steps_per_epoch - 1:
             log(f"epoch {epoch + 1} sample response to {val_e[0]['instruction']!r}: {respond(model, val_e[:1], enc, cfg.style, 50)[0]!r}")
-    log(f"trained {steps} steps in {time.time() - t0:.1f}s; final validation loss {metrics[-1]['val_loss']:.3f}")
-    save_pretrained(model, cfg.out)
+    log(f"trained {steps} steps in {time.time() - t0:.1f}s; validation loss {metrics[-1]['val_loss']:.3f}")
+    save_pretrained(merge_lora(model), cfg.out)  # adapters folded in: the run is a plain GPT-2 checkpoint
     write_text(os.path.join(cfg.out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
     write_text(os.path.join(cfg.out, "loss.svg"), loss_svg(metrics))
     write_text(os.path.join(cfg.out, RUN_FILE), json.dumps(asdict(cfg), indent=2))
     log(f"saved the run in {cfg.out}/")
 
-
 def loss_svg(metrics, w=640, h=400, pad=50) -> str:
     """Train and validation loss against steps, as a hand-written SVG line chart."""
     top, right = max(max(m["train_loss"], m["val_loss"]) for m in metrics) * 1.05, max(metrics[-1]["step"], 1)
-    def pts(key):
-        return " ".join(f"{pad + m['step'] / right * (w - 2 * pad):.1f},{h - pad - m[key] / top * (h - 2 * pad):.1f}" for m in metrics)
+    def line(key, color, y):
+        pts = " ".join(f"{pad + m['step'] / right * (w - 2 * pad):.1f},{h - pad - m[key] / top * (h - 2 * pad):.1f}" for m in metrics)
+        name = key.replace("val_loss", "validation").replace("_loss", "")
+        return (f'<polyline id="{name}" points="{pts}" stroke="{color}" stroke-width="2" fill="none"/>\n'
+                f'<text x="{w - pad - 90}" y="{y}" fill="{color}">{name}</text>\n')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">\n'
-            f'<rect width="{w}" height="{h}" fill="white"/>\n'
-            f'<path d="M{pad},{pad} V{h - pad} H{w - pad}" stroke="black" fill="none"/>\n'
-            f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">step (last {right})</text>\n'
-            f'<text x="10" y="{pad - 10}">loss (top {top:.2f})</text>\n'
-            f'<polyline id="train" points="{pts("train_loss")}" stroke="#1f77b4" stroke-width="2" fill="none"/>\n'
-            f'<polyline id="validation" points="{pts("val_loss")}" stroke="#ff7f0e" stroke-width="2" fill="none"/>\n'
-            f'<text x="{w - pad - 90}" y="{pad}" fill="#1f77b4">train</text><text x="{w - pad - 90}" y="{pad + 16}" fill="#ff7f0e">validation</text>\n'
-            '</svg>\n')
-
+            f'<rect width="{w}" height="{h}" fill="white"/><path d="M{pad},{pad} V{h - pad} H{w - pad}" stroke="black" fill="none"/>\n'
+            f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">step (last {right})</text><text x="10" y="{pad - 10}">loss (top {top:.2f})</text>\n'
+            + line("train_loss", "#1f77b4", pad) + line("val_loss", "#ff7f0e", pad + 16) + "</svg>\n")
 
 # ---------------------------------------------------------------- responses
 def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=32) -> list:
@@ -246,7 +242,6 @@ def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=
             out[i] = enc.decode(ids).strip()
     return out
 
-
 def load_run(out: str):
     """The trained model and the settings of a run directory written by train."""
     try:
@@ -256,7 +251,6 @@ def load_run(out: str):
         raise ValueError(f"{out}: holds no trained run ({RUN_FILE} missing or unreadable); train one with "
                          f"python sft.py train --out {out}") from None
     return load_model(out), cfg
-
 
 def evaluate(out: str, judge_model: str, device: str):
     model, cfg = load_run(out)
@@ -271,16 +265,13 @@ def evaluate(out: str, judge_model: str, device: str):
     try:
         judge.score_file(path, judge_model)
     except ValueError as e:
-        raise ValueError(f"{e}\nThe responses are saved; score them later with: python judge.py {path}") from None
-
+        raise ValueError(f"{e}; the responses are saved: score them later with python judge.py {path}") from None
 
 def write_text(path, text):
     _atomic_write(path, lambda f: f.write(text.encode()))
 
-
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
 
 # ---------------------------------------------------------------- command line
 def main(argv=None):
@@ -317,7 +308,6 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: files already written are whole; nothing half-written was left")
-
 
 if __name__ == "__main__":
     main()
