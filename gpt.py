@@ -77,6 +77,10 @@ class LoRALinear(nn.Module):
     def forward(self, x):  # through the rank-r bottleneck: the frozen weight gets no gradient work
         return self.base(x) + (x @ self.A.t()) @ self.B.t() * self.scale
 
+    def merged(self) -> nn.Linear:
+        self.base.weight.data += self.scale * self.B.data @ self.A.data
+        return self.base
+
 def _swap_linears(model: GPT, swap):
     for module in list(model.h.modules()):
         for name, child in list(module.named_children()):
@@ -88,19 +92,14 @@ def add_lora(model: GPT, rank: int, alpha: float) -> GPT:
     _swap_linears(model, lambda m: LoRALinear(m, rank, alpha) if isinstance(m, nn.Linear) else m)
     return model
 
-@torch.no_grad()
 def merge_lora(model: GPT) -> GPT:
     """Fold each adapter into its base weight (W += scale * B A) and unwrap it: a plain GPT-2 again."""
-    for m in model.h.modules():
-        if isinstance(m, LoRALinear):
-            m.base.weight += m.scale * m.B @ m.A
-    _swap_linears(model, lambda m: m.base if isinstance(m, LoRALinear) else m)
+    _swap_linears(model, lambda m: m.merged() if isinstance(m, LoRALinear) else m)
     return model.requires_grad_(True)
 
 # ---------------------------------------------------------------- safetensors
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 MAX_HEADER = 100_000_000
 
 def read_safetensors(path) -> dict:
@@ -194,33 +193,23 @@ def cache_dir(*parts) -> str:
     os.makedirs(d, exist_ok=True)
     return d
 
-def checkpoint_dir(name: str) -> str:
-    """A local folder holding config.json + model.safetensors: given, or downloaded once into the cache."""
-    if os.path.isdir(name):
-        return name
-    repo = ALIASES.get(name, name)
-    if repo.count("/") != 1 or os.sep in name and os.path.exists(os.path.dirname(name)):
-        raise ValueError(f"model {name}: no such folder, and not a Hugging Face repo name like gpt2-medium or owner/name")
-    cache = cache_dir(repo)
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    for file in ("config.json", "model.safetensors"):
-        if not os.path.exists(os.path.join(cache, file)):
-            download(f"{endpoint}/{repo}/resolve/main/{file}", os.path.join(cache, file),
-                     f"is model {repo} a GPT-2 repo (e.g. gpt2-medium, owner/name)? Set HF_ENDPOINT for a mirror")
-    return cache
-
-def from_pretrained(name_or_dir: str) -> GPT:
-    """Load a GPT-2 checkpoint in the Hugging Face layout: an alias, an owner/name repo, or a local folder."""
-    d = checkpoint_dir(name_or_dir)
-    for file in ("config.json", "model.safetensors"):
-        if not os.path.exists(os.path.join(d, file)):
-            raise ValueError(f"{d}: no {file}; a checkpoint folder holds config.json and model.safetensors")
+def from_pretrained(name: str) -> GPT:
+    """Load a GPT-2 checkpoint in the Hugging Face layout: a local folder, an alias, or an owner/name repo (cached)."""
+    d, repo = name, ALIASES.get(name, name)
+    if not os.path.isdir(name):
+        if repo.count("/") != 1 or os.sep in name and os.path.exists(os.path.dirname(name)):
+            raise ValueError(f"model {name}: no such folder, and not a Hugging Face repo name like gpt2-medium or owner/name")
+        d, endpoint = cache_dir(repo), os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        for file in ("config.json", "model.safetensors"):  # each file appears only when whole, so a cached one is done
+            if not os.path.exists(os.path.join(d, file)):
+                download(f"{endpoint}/{repo}/resolve/main/{file}", os.path.join(d, file),
+                         f"is model {repo} a GPT-2 repo (e.g. gpt2-medium, owner/name)? Set HF_ENDPOINT for a mirror")
     try:
         with open(os.path.join(d, "config.json")) as f:
             raw = json.load(f)
         config = GPTConfig(**{k.name: raw[k.name] for k in fields(GPTConfig) if k.name in raw})
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{d}/config.json: not a GPT-2 config ({e})") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{d}: no readable GPT-2 config.json ({e}); a checkpoint folder holds config.json and model.safetensors") from None
     sd = {}
     for k, v in read_safetensors(os.path.join(d, "model.safetensors")).items():
         k = k.removeprefix("transformer.")

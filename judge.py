@@ -1,7 +1,7 @@
 """Score model responses with a local Ollama judge: prompt -> request -> parse -> aggregate -> CLI."""
-import argparse, json, os, re, sys, time, urllib.error, urllib.parse, urllib.request
+import argparse, json, os, re, sys, urllib.error, urllib.parse, urllib.request
 
-from sft import STYLES, _atomic_write, format_prompt, load_entries
+from sft import STYLES, format_prompt, load_entries, run_cli, write_text
 
 JUDGE = "llama3"
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # deterministic, as the book
@@ -36,8 +36,7 @@ def _request(url, path, body=None, model=JUDGE, timeout=10):
 def preflight(model=JUDGE, url=None):
     """Is a server there, and is the judge model pulled? Answers in a second, before any scoring."""
     url = server(url)
-    with _request(url, "/api/version", model=model) as r:
-        json.load(r)
+    _request(url, "/api/version", model=model).close()
     with _request(url, "/api/tags", model=model) as r:
         names = {m.get("name") for m in json.load(r).get("models", [])}
     if model not in names and f"{model}:latest" not in names:
@@ -46,22 +45,17 @@ def preflight(model=JUDGE, url=None):
 
 def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
     """One chat turn; reads the NDJSON stream (or the single object of a non-streamed reply)."""
-    url, text, deadline = server(url), "", time.monotonic() + timeout
+    url, text = server(url), ""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "options": OPTIONS}
     try:
         with _request(url, "/api/chat", body, model, timeout) as r:
-            for line in r:
-                msg = json.loads(line) if line.strip() else {}
+            for msg in (json.loads(line) for line in r if line.strip()):
                 if "error" in msg:
                     raise ValueError(f"Ollama at {url}: {msg['error']}")
                 text += msg.get("message", {}).get("content", "")
-                if msg.get("done") or time.monotonic() > deadline:
-                    break
-    except (TimeoutError, ConnectionError) as e:
-        raise ValueError(f"Ollama at {url} did not finish a reply within {timeout}s ({e}); a cold model load can take "
-                         "a minute: try again, or raise --timeout") from None
-    if time.monotonic() > deadline:
-        raise ValueError(f"Ollama at {url} did not finish a reply within {timeout}s; try again, or raise --timeout")
+    except (TimeoutError, ConnectionError) as e:  # the socket waited `timeout` seconds for the next piece in vain
+        raise ValueError(f"Ollama at {url} did not finish a reply within {timeout}s ({e}); a cold model load can "
+                         "take a minute: try again, or raise --timeout") from None
     return text
 
 def parse_score(reply: str):
@@ -84,7 +78,7 @@ def score_file(path: str, model=JUDGE, key="model_response", url=None, timeout=T
     done = [s for s in scores if s is not None]
     result = {"judge": model, "average": sum(done) / len(done) if done else None, "scored": len(done),
               "total": len(scores), "scores": scores}
-    _atomic_write(os.path.join(os.path.dirname(os.path.abspath(path)), "scores.json"), lambda f: f.write(json.dumps(result, indent=2).encode()))
+    write_text(os.path.join(os.path.dirname(os.path.abspath(path)), "scores.json"), json.dumps(result, indent=2))
     print(f"\nAverage score: {result['average'] or 0:.2f} ({len(done)} of {len(scores)} scored)", file=sys.stderr)
     return result
 
@@ -96,12 +90,7 @@ def main(argv=None):
     ap.add_argument("--url", help="Ollama server (default $OLLAMA_HOST, else http://localhost:11434)")
     ap.add_argument("--timeout", type=float, default=TIMEOUT, help=f"seconds to wait for one reply (default {TIMEOUT})")
     args = ap.parse_args(argv)
-    try:
-        score_file(args.file, args.model, args.key, args.url, args.timeout)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: no scores written")
+    run_cli(score_file, args.file, args.model, args.key, args.url, args.timeout)
 
 if __name__ == "__main__":
     main()

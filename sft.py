@@ -149,19 +149,16 @@ def loss_sum(model, inputs, targets, device):
 
 def backward(model, micro, device):
     """Gradients of the token-weighted mean loss over micro-batches [(inputs, targets)]: the same as one batch of all."""
-    total = sum(int((t != IGNORE).sum()) for _, t in micro)  # counted on the CPU: no device sync
-    loss = sum(_backward(loss_sum(model, x, y, device), max(total, 1)) for x, y in micro)
-    return loss, total
-
-def _backward(loss, total):
-    (loss / total).backward()
-    return loss.detach()
+    total, losses = max(sum(int((t != IGNORE).sum()) for _, t in micro), 1), []  # counted on the CPU: no device sync
+    for x, y in micro:
+        losses.append(loss_sum(model, x, y, device))
+        (losses[-1] / total).backward()
+    return sum(losses).detach(), total
 
 @torch.no_grad()
 def mean_loss(model, rows, cfg, device) -> float:
-    batches = [collate(rows[i:i + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
-               for i in range(0, len(rows), cfg.batch_size)]
-    return sum(loss_sum(model, x, y, device).item() for x, y in batches) / max(sum(int((y != IGNORE).sum()) for _, y in batches), 1)
+    batches = [collate(rows[i:i + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt) for i in range(0, len(rows), cfg.batch_size)]
+    return sum(loss_sum(model, x, y, device).item() / max(sum(int((y != IGNORE).sum()) for _, y in batches), 1) for x, y in batches)
 
 def train(cfg: TrainConfig):
     train_e, val_e, test_e = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)
@@ -220,15 +217,13 @@ def train(cfg: TrainConfig):
 def loss_svg(metrics, w=640, h=400, pad=50) -> str:
     """Train and validation loss against steps, as a hand-written SVG line chart."""
     top, right = max(max(m["train_loss"], m["val_loss"]) for m in metrics) * 1.05, max(metrics[-1]["step"], 1)
-    def line(key, color, y):
+    def line(key, name, color, y):
         pts = " ".join(f"{pad + m['step'] / right * (w - 2 * pad):.1f},{h - pad - m[key] / top * (h - 2 * pad):.1f}" for m in metrics)
-        name = key.replace("val_loss", "validation").replace("_loss", "")
-        return (f'<polyline id="{name}" points="{pts}" stroke="{color}" stroke-width="2" fill="none"/>\n'
-                f'<text x="{w - pad - 90}" y="{y}" fill="{color}">{name}</text>\n')
+        return f'<polyline id="{name}" stroke="{color}" stroke-width="2" fill="none" points="{pts}"/>\n<text x="{w - pad - 90}" y="{y}" fill="{color}">{name}</text>\n'
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">\n'
             f'<rect width="{w}" height="{h}" fill="white"/><path d="M{pad},{pad} V{h - pad} H{w - pad}" stroke="black" fill="none"/>\n'
             f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">step (last {right})</text><text x="10" y="{pad - 10}">loss (top {top:.2f})</text>\n'
-            + line("train_loss", "#1f77b4", pad) + line("val_loss", "#ff7f0e", pad + 16) + "</svg>\n")
+            + line("train_loss", "train", "#1f77b4", pad) + line("val_loss", "validation", "#ff7f0e", pad + 16) + "</svg>\n")
 
 # ---------------------------------------------------------------- responses
 def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=32) -> list:
@@ -242,7 +237,7 @@ def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=
             out[i] = enc.decode(ids).strip()
     return out
 
-def load_run(out: str):
+def load_run(out: str, device: str):
     """The trained model and the settings of a run directory written by train."""
     try:
         with open(os.path.join(out, RUN_FILE)) as f:
@@ -250,11 +245,16 @@ def load_run(out: str):
     except (OSError, ValueError, TypeError):
         raise ValueError(f"{out}: holds no trained run ({RUN_FILE} missing or unreadable); train one with "
                          f"python sft.py train --out {out}") from None
-    return load_model(out), cfg
+    return load_model(out).to(pick_device(device)), cfg
 
-def evaluate(out: str, judge_model: str, device: str):
-    model, cfg = load_run(out)
-    model = model.to(pick_device(device))
+def answer(a):
+    """generate: the response alone on stdout, so it composes in pipes."""
+    model, cfg = load_run(a.out, a.device)
+    print(respond(model, [{"instruction": a.instruction, "input": a.input}], tokenizer(), cfg.style, a.max_new_tokens)[0])
+
+def evaluate(a):
+    """eval: the test split's responses, saved, then scored by the judge."""
+    out, (model, cfg) = a.out, load_run(a.out, a.device)
     test = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)[2]
     t0 = time.time()
     responses = respond(model, test, tokenizer(), cfg.style)
@@ -263,7 +263,7 @@ def evaluate(out: str, judge_model: str, device: str):
     log(f"{len(test)} test responses in {time.time() - t0:.1f}s -> {path}")
     import judge  # here, not at the top: judge.py imports this file for the prompt format
     try:
-        judge.score_file(path, judge_model)
+        judge.score_file(path, a.judge)
     except ValueError as e:
         raise ValueError(f"{e}; the responses are saved: score them later with python judge.py {path}") from None
 
@@ -273,17 +273,23 @@ def write_text(path, text):
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
+def run_cli(fn, *args):
+    """Run a command; a user error or Ctrl-C ends in one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        fn(*args)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the files written so far are whole; nothing half-written was left")
+
 # ---------------------------------------------------------------- command line
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Instruction finetuning of GPT-2 (chapter 7 of Build a LLM From Scratch).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="finetune a model and write the run directory")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or f.type is bool:
-            tr.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            tr.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"] + f" (default {f.default})")
+    for f in fields(TrainConfig):  # one flag per field: --batch-size fills batch_size
+        kind = {"action": "store_true"} if f.default is False else {"type": type(f.default), "default": f.default}
+        tr.add_argument("--" + f.name.replace("_", "-"), **kind, help=f.metadata["help"] + f" (default {f.default!r})")
     ev = sub.add_parser("eval", help="answer the test split, then score the answers with an Ollama judge")
     ev.add_argument("--judge", default="llama3", help="Ollama model that scores (default llama3)")
     ge = sub.add_parser("generate", help="answer one instruction with a trained run (the answer alone on stdout)")
@@ -293,21 +299,11 @@ def main(argv=None):
     for p in (ev, ge):
         p.add_argument("--out", default="runs/gpt2-medium", help="run directory written by train (default runs/gpt2-medium)")
         p.add_argument("--device", default="auto")
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "train":
-            train(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}))
-        elif args.cmd == "eval":
-            evaluate(args.out, args.judge, args.device)
-        else:
-            model, cfg = load_run(args.out)
-            enc = tokenizer()
-            entry = {"instruction": args.instruction, "input": args.input, "output": ""}
-            print(respond(model.to(pick_device(args.device)), [entry], enc, cfg.style, args.max_new_tokens)[0])
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: files already written are whole; nothing half-written was left")
+    a = ap.parse_args(argv)
+    if a.cmd == "train":
+        run_cli(lambda: train(TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})))
+    else:
+        run_cli(evaluate if a.cmd == "eval" else answer, a)
 
 if __name__ == "__main__":
     main()
