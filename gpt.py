@@ -23,7 +23,6 @@ class Attention(nn.Module):
         self.n_head = c.n_head
         self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd)  # q, k, v fused, as in the checkpoint
         self.c_proj = nn.Linear(c.n_embd, c.n_embd)
-
     def forward(self, x, mask=None, kv=None, start=0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
@@ -40,7 +39,6 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(c.n_embd, 4 * c.n_embd), gelu=nn.GELU(approximate="tanh"),
                                              c_proj=nn.Linear(4 * c.n_embd, c.n_embd)))
-
     def forward(self, x, mask=None, kv=None, start=0):
         x = x + self.attn(self.ln_1(x), mask, kv, start)  # pre-LayerNorm residual blocks
         return x + self.mlp(self.ln_2(x))
@@ -56,7 +54,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2's init: N(0, 0.02), biases 0, LayerNorm 1
             if p.device.type != "meta":
                 nn.init.normal_(p, std=0.02) if p.ndim == 2 else nn.init.constant_(p, float("ln" in name and "weight" in name))
-
     def forward(self, idx, pos=None, mask=None, cache=None, start=0, last_only=False):
         """idx (B, T) token ids -> logits (B, T, vocab); pos/mask/cache/start are generate()'s."""
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device) if pos is None else pos)
@@ -73,10 +70,8 @@ class LoRALinear(nn.Module):
         self.base, self.scale = base, alpha / rank
         self.A = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / base.in_features ** 0.5)
         self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-
     def forward(self, x):  # through the rank-r bottleneck: the frozen weight gets no gradient work
         return self.base(x) + (x @ self.A.t()) @ self.B.t() * self.scale
-
     def merged(self) -> nn.Linear:
         self.base.weight.data += self.scale * self.B.data @ self.A.data
         return self.base
@@ -100,7 +95,6 @@ def merge_lora(model: GPT) -> GPT:
 # ---------------------------------------------------------------- safetensors
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-MAX_HEADER = 100_000_000
 
 def read_safetensors(path) -> dict:
     """Memory-map a .safetensors file into {name: tensor}, checking every rule of the format."""
@@ -110,7 +104,7 @@ def read_safetensors(path) -> dict:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         for broken, rule in ((size < 8, f"truncated: {size} bytes, shorter than the 8-byte header length"),
-                             (n > MAX_HEADER, f"header of {n} bytes is over the {MAX_HEADER // 1_000_000} MB limit"),
+                             (n > 100_000_000, f"header of {n} bytes is over the 100 MB limit"),
                              (8 + n > size, f"header length {n} runs past the end of the {size}-byte file")):
             if broken:
                 raise bad(rule)
@@ -132,9 +126,11 @@ def read_safetensors(path) -> dict:
     if 8 + n + end != size:
         raise bad(f"data ends at byte {8 + n + end} but the file has {size} bytes")
     raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(path), False, size))  # private mmap
-    views = {name: (raw[8 + n + b:8 + n + e], DTYPES[dtype], shape) for (b, e), name, dtype, shape in entries}
-    # unaligned data cannot be viewed in place and is copied; aligned data (the norm) stays mapped
-    return {k: (t if t.storage_offset() % dt.itemsize == 0 else t.clone()).view(dt).view(shape) for k, (t, dt, shape) in views.items()}
+    views = {name: (raw[8 + n + b:8 + n + e], DTYPES[dtype], shape) for (b, e), name, dtype, shape in entries}  # no copies...
+    return {k: (t if t.storage_offset() % dt.itemsize == 0 else t.clone()).view(dt).view(shape) for k, (t, dt, shape) in views.items()}  # ...unless unaligned
+
+def write_text(path, text: str):
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 def _atomic_write(path, write):
     """Write through a temp file in the same folder, then rename: a crash never leaves a half file."""
@@ -158,7 +154,6 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
         offset += b.numel()
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # pad so every tensor starts 8-byte aligned
-
     def write(f):
         f.write(len(head).to_bytes(8, "little") + head)
         for b in blobs:  # torch offers no buffer protocol without numpy: hand write() the raw memory
@@ -229,11 +224,11 @@ def from_pretrained(name: str) -> GPT:
 def save_pretrained(model: GPT, out_dir: str):
     """Write config.json + model.safetensors in the hub layout (no prefix, Conv1D weights (in, out), no lm_head)."""
     os.makedirs(out_dir, exist_ok=True)
-    config = {**asdict(model.config), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-              "activation_function": "gelu_new", "n_ctx": model.config.n_positions, "tie_word_embeddings": True}
+    config = {**asdict(model.config), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
+              "tie_word_embeddings": True}
     tensors = {k: (v.t() if k.endswith(CONV1D) else v) for k, v in model.state_dict().items()}
     write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
-    _atomic_write(os.path.join(out_dir, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+    write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2))
 
 # ---------------------------------------------------------------- generation
 @torch.no_grad()
@@ -246,8 +241,7 @@ def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None, temperature=
     x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=dev)  # left-padded so all rows end together
     valid = torch.arange(S, device=dev) >= torch.tensor([P - len(p) for p in prompts], device=dev)[:, None]  # (B, S)
     pos = (valid.cumsum(1) - 1).clamp(min=0)                    # (B, S): each row's positions start at 0
-    cache = [torch.empty(2, B, c.n_head, S, c.n_embd // c.n_head, device=dev, dtype=model.wte.weight.dtype)
-             for _ in range(c.n_layer)]
+    cache = [torch.empty(2, B, c.n_head, S, c.n_embd // c.n_head, device=dev, dtype=model.wte.weight.dtype) for _ in model.h]
     out, done, start, idx = [], torch.zeros(B, dtype=torch.bool, device=dev), 0, torch.arange(S, device=dev)
     for _ in range(S - P):
         T = x.shape[1]
@@ -265,5 +259,4 @@ def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None, temperature=
         if done.all():
             break
         x, start = nxt[:, None], start + T
-    rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
-    return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+    return [r[:r.index(eos_id)] if eos_id in r else r for r in (torch.stack(out, 1).tolist() if out else [[]] * B)]

@@ -1,7 +1,8 @@
 """Score model responses with a local Ollama judge: prompt -> request -> parse -> aggregate -> CLI."""
 import argparse, json, os, re, sys, urllib.error, urllib.parse, urllib.request
 
-from sft import STYLES, format_prompt, load_entries, run_cli, write_text
+from gpt import write_text
+from sft import STYLES, format_prompt, load_entries, run_cli
 
 JUDGE = "llama3"
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # deterministic, as the book

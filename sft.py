@@ -1,8 +1,8 @@
 """Instruction finetuning of GPT-2: data -> prompts -> tokens -> batches -> training -> responses, and the CLI."""
-import argparse, hashlib, json, os, re, sys, time
+import argparse, hashlib, json, os, sys, time
 from dataclasses import asdict, dataclass, field, fields
 
-from gpt import GPT, GPTConfig, _atomic_write, add_lora, cache_dir, download, from_pretrained, generate, merge_lora, save_pretrained
+from gpt import GPT, GPTConfig, add_lora, cache_dir, download, from_pretrained, generate, merge_lora, save_pretrained, write_text
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -20,14 +20,6 @@ STYLES = {  # (instruction, input when non-empty, response marker)
 }
 
 # ---------------------------------------------------------------- data
-def _json_lines(text: str) -> list:
-    """The JSON values of a .jsonl text, one after another (errors keep their line and column)."""
-    decoder, space, pos, out = json.JSONDecoder(), re.compile(r"\s*"), 0, []
-    while (pos := space.match(text, pos).end()) < len(text):
-        value, pos = decoder.raw_decode(text, pos)
-        out.append(value)
-    return out
-
 def load_entries(source: str = DATA_URL) -> list:
     """A JSON list (or .jsonl) of {instruction, input?, output} from a path or URL (downloaded once, cached)."""
     path = source
@@ -41,9 +33,10 @@ def load_entries(source: str = DATA_URL) -> list:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read the data ({getattr(e, 'strerror', None) or e}); pass --data PATH or URL") from None
     try:
-        data = _json_lines(text) if path.endswith(".jsonl") else json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        data = [json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl") else json.loads(text)
+    except json.JSONDecodeError as e:  # in a .jsonl file e.doc is the broken line itself
+        line = e.lineno if e.doc == text else text.splitlines().index(e.doc) + 1
+        raise ValueError(f"{path}: malformed JSON at line {line}, column {e.colno}: {e.msg}") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of entries, found a {type(data).__name__}")
     for i, e in enumerate(data):
@@ -79,17 +72,14 @@ def tokenize(entries: list, enc, style: str = "alpaca") -> list:
     outputs = enc.encode_ordinary_batch([e["output"] for e in entries])
     return [(p + o, len(p)) for p, o in zip(prompts, outputs)]
 
-# ---------------------------------------------------------------- batches
 def collate(batch, pad_id=EOT, ignore_index=IGNORE, max_length=None, mask_prompt=False):
-    """[(ids, prompt_len)] -> inputs, targets (B, T), T the longest row (at most max_length); CPU tensors.
-
-    Masking is by position, never by value: an end-of-text id inside ids stays a target."""
+    """[(ids, prompt_len)] -> inputs, targets (B, T), T the longest row (at most max_length); CPU tensors."""
     n = torch.tensor([len(ids) for ids, _ in batch])[:, None]        # (B, 1) row lengths
     p = torch.tensor([plen for _, plen in batch])[:, None]            # (B, 1) prompt lengths
     seq = pad_sequence([torch.tensor(ids + [pad_id]) for ids, _ in batch], batch_first=True, padding_value=pad_id)
     col = torch.arange(seq.shape[1] - 1)[None]                       # (1, T)
     inputs, targets = seq[:, :-1], seq[:, 1:].clone()                # target at n-1 is the appended end-of-text
-    targets[(col >= n) | (col < p - 1) & mask_prompt] = ignore_index  # padding; and the prompt, if asked
+    targets[(col >= n) | (col < p - 1) & mask_prompt] = ignore_index  # by position, never by value: an id 50256 stays
     return (inputs[:, :max_length], targets[:, :max_length]) if max_length else (inputs, targets)
 
 # ---------------------------------------------------------------- loss and training
@@ -115,7 +105,6 @@ class TrainConfig:
     limit: int = opt(0, "keep only the first N entries before the split (0: all)")
     seed: int = opt(123, "seed for the shuffling and the tiny model")
     device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, mps")
-    compile: bool = opt(False, "torch.compile the model (faster steps on a GPU after a warm-up)")
 
     def __post_init__(self):
         self.lr = self.lr or (1e-3 if self.model == "tiny" else 5e-5)
@@ -127,10 +116,9 @@ class TrainConfig:
         self.out = self.out or os.path.join("runs", os.path.basename(self.model.rstrip("/")))
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls where there is a GPU
-    return torch.device(name)
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(auto if name == "auto" else name)
 
 def load_model(name: str, seed: int = 0) -> GPT:
     """tiny: a random small GPT-2 with the GPT-2 vocabulary (7M parameters); anything else: from_pretrained."""
@@ -177,7 +165,6 @@ def train(cfg: TrainConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"model: {cfg.model} on {device}, {sum(p.numel() for p in params):,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    step_model = torch.compile(model) if cfg.compile else model
     steps, g = steps_per_epoch * cfg.epochs, torch.Generator().manual_seed(cfg.seed)
     metrics = [dict(step=0, epoch=0, tokens=0, train_loss=mean_loss(model, train_rows[:len(val_rows)], cfg, device),
                     val_loss=mean_loss(model, val_rows, cfg, device), seconds=0.0)]
@@ -189,7 +176,7 @@ def train(cfg: TrainConfig):
             order = torch.randperm(len(train_rows), generator=g).tolist()
         batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
         model.train()
-        loss, n = backward(step_model, [collate(batch[k:k + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
+        loss, n = backward(model, [collate(batch[k:k + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
                                         for k in range(0, rows_per_step, cfg.batch_size)], device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -212,7 +199,6 @@ def train(cfg: TrainConfig):
     write_text(os.path.join(cfg.out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
     write_text(os.path.join(cfg.out, "loss.svg"), loss_svg(metrics))
     write_text(os.path.join(cfg.out, RUN_FILE), json.dumps(asdict(cfg), indent=2))
-    log(f"saved the run in {cfg.out}/")
 
 def loss_svg(metrics, w=640, h=400, pad=50) -> str:
     """Train and validation loss against steps, as a hand-written SVG line chart."""
@@ -243,8 +229,7 @@ def load_run(out: str, device: str):
         with open(os.path.join(out, RUN_FILE)) as f:
             cfg = TrainConfig(**json.load(f))
     except (OSError, ValueError, TypeError):
-        raise ValueError(f"{out}: holds no trained run ({RUN_FILE} missing or unreadable); train one with "
-                         f"python sft.py train --out {out}") from None
+        raise ValueError(f"{out}: holds no trained run (no readable {RUN_FILE}); train one with python sft.py train --out {out}") from None
     return load_model(out).to(pick_device(device)), cfg
 
 def answer(a):
@@ -255,8 +240,7 @@ def answer(a):
 def evaluate(a):
     """eval: the test split's responses, saved, then scored by the judge."""
     out, (model, cfg) = a.out, load_run(a.out, a.device)
-    test = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)[2]
-    t0 = time.time()
+    test, t0 = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)[2], time.time()
     responses = respond(model, test, tokenizer(), cfg.style)
     path = os.path.join(out, "instruction-data-with-response.json")
     write_text(path, json.dumps([{**e, "model_response": r} for e, r in zip(test, responses)], indent=2))
@@ -267,10 +251,8 @@ def evaluate(a):
     except ValueError as e:
         raise ValueError(f"{e}; the responses are saved: score them later with python judge.py {path}") from None
 
-def write_text(path, text):
-    _atomic_write(path, lambda f: f.write(text.encode()))
 
-def log(msg):
+def log(msg):  # progress and notes go to stderr; answers to stdout
     print(msg, file=sys.stderr, flush=True)
 
 def run_cli(fn, *args):

@@ -1,0 +1,74 @@
+"""The chapter's exercises as flags: LoRA (7.4), gradient accumulation (7.3), style and masking kept with the run (7.1, 7.2)."""
+import json
+
+import torch
+
+import gpt
+import sft
+from conftest import tiny_model
+from test_cli import MEMO, run, write_data
+
+
+def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(tmp_path):
+    model, ids = tiny_model(seed=4), torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        base = model(ids)
+    gpt.add_lora(model, rank=4, alpha=8)
+    with torch.no_grad():
+        assert torch.equal(model(ids), base)  # B starts at zero
+    sft.loss_sum(model, ids, ids, torch.device("cpu")).backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(n.endswith((".A", ".B")) for n in trained)
+    assert len(trained) == 2 * 4 * 2  # A and B on c_attn, attn.c_proj, c_fc, mlp.c_proj of 2 blocks
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".B"):
+                p.normal_()  # as if trained
+        adapted = model(ids)
+    gpt.merge_lora(model)
+    with torch.no_grad():
+        assert (model(ids) - adapted).abs().max() < 1e-5
+    gpt.save_pretrained(model, tmp_path)
+    saved, fresh = gpt.read_safetensors(tmp_path / "model.safetensors"), tiny_model(seed=4)
+    assert not any(k.endswith((".A", ".B")) or ".base." in k for k in saved)
+    for k in ("wte.weight", "wpe.weight", "ln_f.weight", "h.0.ln_1.bias", "h.1.ln_2.weight"):
+        assert torch.equal(saved[k], fresh.state_dict()[k])
+
+
+def test_gradient_accumulation_equals_one_batch_of_all_the_rows():
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(0, 512, (n,), generator=g).tolist(), p) for n, p in ((3, 1), (9, 4), (5, 5), (12, 2), (2, 1))]
+    def grads(parts):
+        model = tiny_model(seed=5)
+        loss, n = sft.backward(model, [sft.collate(part, pad_id=0, mask_prompt=True) for part in parts], torch.device("cpu"))
+        return loss / n, [p.grad.clone() for p in model.parameters()]
+    whole_loss, whole = grads([rows])
+    split_loss, split = grads([rows[:2], rows[2:3], rows[3:]])  # micro-batches with 10, 1 and 11 target tokens
+    assert torch.allclose(whole_loss, split_loss, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, split))
+
+
+def test_style_and_masking_are_kept_with_the_run_and_used_by_generate_and_eval(tmp_path, capsys):
+    data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 50, "--batch-size", 2,
+                       "--lr", 2e-3, "--style", "phi3", "--mask-prompt", "--eval-every", 1000, "--lora-rank", 0)
+    assert code == 0, err
+    settings = json.loads((out / "run.json").read_text())
+    assert settings["style"] == "phi3" and settings["mask_prompt"] is True
+    code, stdout, _ = run(capsys, "generate", "--out", out, MEMO[4][0], "--max-new-tokens", 20)
+    assert stdout == MEMO[4][2] + "\n"  # answered through the phi3 prompt it learned, without --style
+    _, cfg = sft.load_run(str(out), "cpu")
+    assert cfg.style == "phi3"
+
+
+def test_lora_run_saves_a_plain_checkpoint_and_reports_trainable_parameters(tmp_path, capsys):
+    data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 1, "--batch-size", 2,
+                       "--lora-rank", 8, "--grad-accum", 2)
+    assert code == 0, err
+    assert "trainable of" in err and "2 steps" in err  # 8 rows // (2 x 2) = 2 steps
+    # 4 blocks x rank 8 x (in + out) of c_attn, attn.c_proj, c_fc, mlp.c_proj
+    assert f"{4 * 8 * ((128 + 384) + (128 + 128) + (128 + 512) + (512 + 128)):,} trainable" in err
+    saved = gpt.read_safetensors(out / "model.safetensors")
+    assert set(saved) == set(sft.load_model("tiny").state_dict())  # no adapter tensors, every base tensor
+    assert gpt.from_pretrained(str(out)).config.n_embd == 128
