@@ -103,11 +103,10 @@ def read_safetensors(path) -> dict:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        for broken, rule in ((size < 8, f"truncated: {size} bytes, shorter than the 8-byte header length"),
-                             (n > 100_000_000, f"header of {n} bytes is over the 100 MB limit"),
-                             (8 + n > size, f"header length {n} runs past the end of the {size}-byte file")):
-            if broken:
-                raise bad(rule)
+        if rule := (f"truncated: {size} bytes, shorter than the 8-byte header length" if size < 8 else
+                    f"header of {n} bytes is over the 100 MB limit" if n > 100_000_000 else
+                    f"header length {n} runs past the end of the {size}-byte file" if 8 + n > size else None):
+            raise bad(rule)
         try:
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)
@@ -145,11 +144,10 @@ def _atomic_write(path, write):
         raise
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None):
-    names = {dt: k for k, dt in DTYPES.items()}
     header, offset, blobs = {"__metadata__": metadata} if metadata else {}, 0, []
     for name, t in tensors.items():
         b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + b.numel()]}
+        header[name] = {"dtype": {v: k for k, v in DTYPES.items()}[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + b.numel()]}
         blobs.append(b)
         offset += b.numel()
     head = json.dumps(header, separators=(",", ":")).encode()

@@ -41,8 +41,7 @@ def preflight(model=JUDGE, url=None):
     with _request(url, "/api/tags", model=model) as r:
         names = {m.get("name") for m in json.load(r).get("models", [])}
     if model not in names and f"{model}:latest" not in names:
-        raise ValueError(f"judge model {model} is not pulled on {url} (it has: {', '.join(sorted(names)) or 'none'}): "
-                         f"run `ollama pull {model}`")
+        raise ValueError(f"judge model {model} is not pulled on {url} (it has {', '.join(sorted(names)) or 'none'}): run `ollama pull {model}`")
 
 def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
     """One chat turn; reads the NDJSON stream (or the single object of a non-streamed reply)."""

@@ -114,6 +114,7 @@ class TrainConfig:
         if min(self.weight_decay, self.limit, self.lora_rank) < 0 or self.style not in STYLES:
             raise ValueError(f"--weight-decay, --limit and --lora-rank cannot be negative; --style is one of {', '.join(STYLES)}")
         self.out = self.out or os.path.join("runs", os.path.basename(self.model.rstrip("/")))
+        self.data, self.model = (os.path.abspath(p) if os.path.exists(p) else p for p in (self.data, self.model))  # eval runs anywhere
 
 def pick_device(name: str) -> torch.device:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls where there is a GPU

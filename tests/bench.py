@@ -1,0 +1,142 @@
+"""make bench: speed figures for this machine, each a ratio measured in the same run (not a test; not collected).
+
+training MFU, generation speed-up over the book's loop, checkpoint load RSS, and the share of `train` spent
+outside optimizer steps. Runs in a few minutes on 2 CPU cores, offline."""
+import json, os, resource, subprocess, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared"
+if (SHARED / "tiktoken-cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
+DATA = str(SHARED / "data" / "instruction-data.json")
+
+import gpt, sft  # noqa: E402
+import torch  # noqa: E402
+
+ROWS = []
+
+
+def row(name, value, detail=""):
+    ROWS.append((name, value, detail))
+    print(f"{name:<44} {value:>10}  {detail}", flush=True)
+
+
+def matmul_peak(n=2048, reps=5):
+    """fp32 FLOP/s of a large a @ b: the machine's practical ceiling for this run."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def small(layers=4):
+    torch.manual_seed(0)
+    return gpt.GPT(gpt.GPTConfig(n_embd=768, n_head=12, n_layer=layers))
+
+
+def flops_per_token(c, T):
+    """Matmul FLOPs of forward + backward per token: 6 x (block weights + tied head) + attention scores."""
+    return 6 * (12 * c.n_layer * c.n_embd ** 2 + c.vocab_size * c.n_embd) + 12 * c.n_layer * c.n_embd * T
+
+
+def bench_training(peak, steps=6, batch=8):
+    enc, cfg = sft.tokenizer(), sft.TrainConfig(batch_size=batch)
+    rows = sft.tokenize(sft.split(sft.load_entries(DATA))[0], enc)
+    model, dev = small(), torch.device("cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+    batches = [sft.collate(rows[i * batch:(i + 1) * batch]) for i in range(steps + 1)]
+    done, flops, t0 = 0, 0, None
+    for i, (x, y) in enumerate(batches):
+        if i == 1:
+            t0 = time.perf_counter()  # the first step warms up
+        sft.backward(model, [(x, y)], dev)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i:
+            done += x.numel()
+            flops += x.numel() * flops_per_token(model.config, x.shape[1])
+    secs = time.perf_counter() - t0
+    row("train tokens/s (768 wide, 4 layers, batch 8)", f"{done / secs:,.0f}", "forward + backward + AdamW, padded tokens")
+    row("train MFU (model FLOP/s / a@b FLOP/s)", f"{flops / secs / peak:.2f}", f"a@b reached {peak / 1e9:.0f} GFLOP/s")
+
+
+def bench_generation(new=64, plain_prompts=4):
+    enc = sft.tokenizer()
+    test = sft.split(sft.load_entries(DATA))[2]
+    prompts = [enc.encode_ordinary(sft.format_prompt(e)) for e in test]
+    model = small().eval()
+    t0 = time.perf_counter()
+    for k in range(0, len(prompts), 32):
+        gpt.generate(model, prompts[k:k + 32], new)
+    batched = len(prompts) * new / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    with torch.no_grad():  # the book's loop: one prompt at a time, the whole context recomputed per token
+        for p in prompts[:plain_prompts]:
+            ids = torch.tensor([p])
+            for _ in range(new):
+                ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    plain = plain_prompts * new / (time.perf_counter() - t0)
+    row("generate tokens/s, batched + KV cache", f"{batched:,.0f}", f"110 test prompts x {new} new tokens")
+    row("generate tokens/s, the book's plain loop", f"{plain:,.0f}", f"{plain_prompts} prompts, one at a time")
+    row("generation speed-up", f"{batched / plain:.1f}x")
+
+
+LOAD = """
+import resource, sys, time
+sys.path.insert(0, sys.argv[2])
+import gpt
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+m = gpt.from_pretrained(sys.argv[1])
+sum(float(p.sum()) for p in m.parameters())  # touch every weight
+print(time.perf_counter() - t0, base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def bench_loading(tmp):
+    torch.manual_seed(0)
+    gpt.save_pretrained(gpt.GPT(gpt.GPTConfig(n_embd=1024, n_head=16, n_layer=24)), tmp / "medium")
+    size = (tmp / "medium" / "model.safetensors").stat().st_size
+    secs, base, peak = map(float, subprocess.check_output([sys.executable, "-c", LOAD, str(tmp / "medium"), str(ROOT)]).split())
+    row("load gpt2-medium shape: seconds", f"{secs:.2f}", f"{size / 1e9:.2f} GB file")
+    row("load gpt2-medium shape: peak RSS / file", f"{peak / size:.2f}", f"{(peak - base) / size:.2f} above the interpreter's own")
+
+
+def bench_train_command(tmp, model, label, **kw):
+    """Whole `train` wall time against the time inside optimizer steps (backward() + AdamW.step)."""
+    inside = [0.0]
+    backward, step = sft.backward, torch.optim.AdamW.step
+    def timed(fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                inside[0] += time.perf_counter() - t0
+        return wrapper
+    sft.backward, torch.optim.AdamW.step = timed(backward), timed(step)
+    try:
+        t0 = time.perf_counter()
+        sft.train(sft.TrainConfig(model=model, data=DATA, out=str(tmp / label), **kw))
+        total = time.perf_counter() - t0
+    finally:
+        sft.backward, torch.optim.AdamW.step = backward, step
+    row(f"train {label}: share outside optimizer steps", f"{1 - inside[0] / total:.1%}", f"{total:.0f}s in all")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores\n")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        peak = matmul_peak()
+        bench_training(peak)
+        bench_generation()
+        bench_loading(tmp)
+        bench_train_command(tmp, "tiny", "tiny", limit=400, epochs=1)
+        gpt.save_pretrained(small(), tmp / "small4")
+        bench_train_command(tmp, str(tmp / "small4"), "768x4", limit=200, epochs=1)
