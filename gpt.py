@@ -56,7 +56,8 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=0.02) if p.ndim == 2 else nn.init.constant_(p, float("ln" in name and "weight" in name))
     def forward(self, idx, pos=None, mask=None, cache=None, start=0, last_only=False):
         """idx (B, T) token ids -> logits (B, T, vocab); pos/mask/cache/start are generate()'s."""
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device) if pos is None else pos)
+        # sparse lookup gradient: the tied head gives wte a dense one already, and the few looked-up rows add into it in place
+        x = F.embedding(idx, self.wte.weight, sparse=idx.device.type in ("cpu", "cuda")) + self.wpe(torch.arange(idx.shape[1], device=idx.device) if pos is None else pos)
         for i, block in enumerate(self.h):
             x = block(x, mask, None if cache is None else cache[i], start)
         x = self.ln_f(x[:, -1:] if last_only else x)

@@ -165,9 +165,10 @@ def train(cfg: TrainConfig):
         add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"model: {cfg.model} on {device}, {sum(p.numel() for p in params):,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
     steps, g = steps_per_epoch * cfg.epochs, torch.Generator().manual_seed(cfg.seed)
-    metrics = [dict(step=0, epoch=0, tokens=0, train_loss=mean_loss(model, train_rows[:len(val_rows)], cfg, device),
+    window = -(-len(val_rows) * cfg.eval_every // steps_per_epoch)  # validation rows per report, rounded up
+    metrics = [dict(step=0, epoch=0, tokens=0, train_loss=mean_loss(model, train_rows[:cfg.batch_size], cfg, device),
                     val_loss=mean_loss(model, val_rows, cfg, device), seconds=0.0)]
     log(f"initial loss: train {metrics[0]['train_loss']:.3f}, validation {metrics[0]['val_loss']:.3f}")
     run_loss, run_n, tokens, t0 = torch.zeros((), device=device), 0, 0, time.time()
@@ -184,12 +185,12 @@ def train(cfg: TrainConfig):
         run_loss, run_n = run_loss + loss, run_n + n  # summed on the device: no sync per step
         tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
         if step % cfg.eval_every == 0 or step == steps:
-            # train loss from the steps since the last report; validation on the next batch of the validation set
-            # (all of it at the end), so reporting costs a few percent of training, not the book's 40%
-            k = (step // cfg.eval_every * cfg.batch_size) % len(val_rows)
+            # train loss from the steps since the last report; validation on the next `window` rows of the validation set,
+            # one pass over it per epoch (all of it at the end): reporting costs a few percent of training, not the book's 40%
+            k = (step // cfg.eval_every * window) % len(val_rows)
             secs = time.time() - t0
             metrics.append(dict(step=step, epoch=epoch + 1, tokens=tokens, train_loss=run_loss.item() / max(run_n, 1), seconds=round(secs, 2),
-                                val_loss=mean_loss(model, val_rows if step == steps else (val_rows[k:] + val_rows[:k])[:cfg.batch_size], cfg, device)))
+                                val_loss=mean_loss(model, val_rows if step == steps else (val_rows[k:] + val_rows[:k])[:window], cfg, device)))
             run_loss, run_n = run_loss * 0, 0
             log(f"epoch {epoch + 1} step {step}/{steps}: train {metrics[-1]['train_loss']:.3f}, validation {metrics[-1]['val_loss']:.3f}, "
                 f"{tokens / secs:,.0f} tokens/s, {secs:.0f}s elapsed, {secs * (steps - step) / step:.0f}s to go")
