@@ -7,7 +7,7 @@ ifneq ($(wildcard ../shared/tiktoken-cache),)
 export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken-cache)
 endif
 
-.PHONY: install train eval test clean
+.PHONY: install train eval test bench clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -23,6 +23,9 @@ eval: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) tests/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

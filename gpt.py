@@ -51,19 +51,19 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        for name, p in self.named_parameters():  # GPT-2's init: N(0, 0.02), biases 0, LayerNorm 1
-            if p.device.type != "meta":
-                nn.init.normal_(p, std=0.02) if p.ndim == 2 else nn.init.constant_(p, float("ln" in name and "weight" in name))
+        for name, p in self.named_parameters():  # GPT-2's init: N(0, 0.02), biases 0, LayerNorm 1 (free on "meta")
+            nn.init.normal_(p, std=0.02) if p.ndim == 2 else nn.init.constant_(p, float("ln" in name and "weight" in name))
     def forward(self, idx, pos=None, mask=None, cache=None, start=0, last_only=False):
         """idx (B, T) token ids -> logits (B, T, vocab); pos/mask/cache/start are generate()'s."""
-        # sparse lookup gradient: the tied head gives wte a dense one already, and the few looked-up rows add into it in place
-        x = F.embedding(idx, self.wte.weight, sparse=idx.device.type in ("cpu", "cuda")) + self.wpe(torch.arange(idx.shape[1], device=idx.device) if pos is None else pos)
+        pos = torch.arange(idx.shape[1], device=idx.device) if pos is None else pos
+        # a sparse lookup gradient: the tied head gives wte a dense one already, and the looked-up rows add into it in place
+        sparse = idx.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()  # compile wants dense
+        x = F.embedding(idx, self.wte.weight, sparse=sparse) + self.wpe(pos)
         for i, block in enumerate(self.h):
             x = block(x, mask, None if cache is None else cache[i], start)
         x = self.ln_f(x[:, -1:] if last_only else x)
         return F.linear(x, self.wte.weight)  # output head tied to the token embedding
 
-# ---------------------------------------------------------------- low-rank adapters (LoRA)
 class LoRALinear(nn.Module):
     """A frozen Linear plus a trainable low-rank update: y = base(x) + (alpha / r) * x A^T B^T, with B starting at 0."""
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
@@ -119,15 +119,15 @@ def read_safetensors(path) -> dict:
         if dtype not in DTYPES:
             raise bad(f"tensor {name} has unknown dtype {dtype!r}")
         if b != end:
-            raise bad(f"tensor {name} starts at {b}, {'overlapping' if b < end else 'leaving a hole after'} the data before it, which ends at {end}")
+            raise bad(f"tensor {name} starts at {b}, {'overlapping' if b < end else 'leaving a hole after'} the previous data (ends at {end})")
         if e - b != (need := math.prod(shape) * DTYPES[dtype].itemsize):
             raise bad(f"tensor {name} spans {e - b} bytes but {dtype} x {shape} needs {need}")
         end = e
     if 8 + n + end != size:
         raise bad(f"data ends at byte {8 + n + end} but the file has {size} bytes")
     raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(path), False, size))  # private mmap
-    views = {name: (raw[8 + n + b:8 + n + e], DTYPES[dtype], shape) for (b, e), name, dtype, shape in entries}  # no copies...
-    return {k: (t if t.storage_offset() % dt.itemsize == 0 else t.clone()).view(dt).view(shape) for k, (t, dt, shape) in views.items()}  # ...unless unaligned
+    views = {name: (raw[8 + n + b:8 + n + e], DTYPES[dtype], shape) for (b, e), name, dtype, shape in entries}  # copied only if unaligned
+    return {k: (t if t.storage_offset() % dt.itemsize == 0 else t.clone()).view(dt).view(s) for k, (t, dt, s) in views.items()}
 
 def write_text(path, text: str):
     _atomic_write(path, lambda f: f.write(text.encode()))

@@ -69,8 +69,7 @@ def tokenizer():
 def tokenize(entries: list, enc, style: str = "alpaca") -> list:
     """[(ids, prompt_len)]: ids = enc(prompt) + enc(output); <|endoftext|> in the text stays plain text."""
     prompts = enc.encode_ordinary_batch([format_prompt(e, style) for e in entries])
-    outputs = enc.encode_ordinary_batch([e["output"] for e in entries])
-    return [(p + o, len(p)) for p, o in zip(prompts, outputs)]
+    return [(p + o, len(p)) for p, o in zip(prompts, enc.encode_ordinary_batch([e["output"] for e in entries]))]
 
 def collate(batch, pad_id=EOT, ignore_index=IGNORE, max_length=None, mask_prompt=False):
     """[(ids, prompt_len)] -> inputs, targets (B, T), T the longest row (at most max_length); CPU tensors."""
@@ -105,6 +104,7 @@ class TrainConfig:
     limit: int = opt(0, "keep only the first N entries before the split (0: all)")
     seed: int = opt(123, "seed for the shuffling and the tiny model")
     device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    compile: bool = opt(False, "torch.compile the model for the training steps (faster on a GPU, after a warm-up)")
 
     def __post_init__(self):
         self.lr = self.lr or (1e-3 if self.model == "tiny" else 5e-5)
@@ -119,7 +119,9 @@ class TrainConfig:
 def pick_device(name: str) -> torch.device:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls where there is a GPU
     auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(auto if name == "auto" else name)
+    if (name := auto if name == "auto" else name).split(":")[0] not in (auto, "cpu"):
+        raise ValueError(f"--device {name} is not available here; use auto (which picks {auto}) or cpu")
+    return torch.device(name)
 
 def load_model(name: str, seed: int = 0) -> GPT:
     """tiny: a random small GPT-2 with the GPT-2 vocabulary (7M parameters); anything else: from_pretrained."""
@@ -147,7 +149,8 @@ def backward(model, micro, device):
 @torch.no_grad()
 def mean_loss(model, rows, cfg, device) -> float:
     batches = [collate(rows[i:i + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt) for i in range(0, len(rows), cfg.batch_size)]
-    return sum(loss_sum(model, x, y, device).item() / max(sum(int((y != IGNORE).sum()) for _, y in batches), 1) for x, y in batches)
+    count = max(sum(int((y != IGNORE).sum()) for _, y in batches), 1)
+    return sum(loss_sum(model, x, y, device).item() for x, y in batches) / count
 
 def train(cfg: TrainConfig):
     train_e, val_e, test_e = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)
@@ -161,12 +164,11 @@ def train(cfg: TrainConfig):
         raise ValueError(f"--batch-size x --grad-accum = {rows_per_step} is more than the {len(train_rows)} training entries")
     cut = sum(len(ids) > cfg.max_length for ids, _ in train_rows + val_rows)
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; {cut} cut to --max-length {cfg.max_length}")
-    if cfg.lora_rank:
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    model = add_lora(model, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else model
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"model: {cfg.model} on {device}, {sum(p.numel() for p in params):,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
-    steps, g = steps_per_epoch * cfg.epochs, torch.Generator().manual_seed(cfg.seed)
+    steps, g, compiled = steps_per_epoch * cfg.epochs, torch.Generator().manual_seed(cfg.seed), torch.compile(model) if cfg.compile else model
     window = -(-len(val_rows) * cfg.eval_every // steps_per_epoch)  # validation rows per report, rounded up
     metrics = [dict(step=0, epoch=0, tokens=0, train_loss=mean_loss(model, train_rows[:cfg.batch_size], cfg, device),
                     val_loss=mean_loss(model, val_rows, cfg, device), seconds=0.0)]
@@ -177,16 +179,14 @@ def train(cfg: TrainConfig):
         if i == 0:
             order = torch.randperm(len(train_rows), generator=g).tolist()
         batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
-        model.train()
-        loss, n = backward(model, [collate(batch[k:k + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
+        loss, n = backward(compiled, [collate(batch[k:k + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
                                         for k in range(0, rows_per_step, cfg.batch_size)], device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         run_loss, run_n = run_loss + loss, run_n + n  # summed on the device: no sync per step
         tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
         if step % cfg.eval_every == 0 or step == steps:
-            # train loss from the steps since the last report; validation on the next `window` rows of the validation set,
-            # one pass over it per epoch (all of it at the end): reporting costs a few percent of training, not the book's 40%
+            # train loss: the steps since the last report; validation: the next `window` rows (all of them at the end)
             k = (step // cfg.eval_every * window) % len(val_rows)
             secs = time.time() - t0
             metrics.append(dict(step=step, epoch=epoch + 1, tokens=tokens, train_loss=run_loss.item() / max(run_n, 1), seconds=round(secs, 2),
@@ -216,7 +216,6 @@ def loss_svg(metrics, w=640, h=400, pad=50) -> str:
 # ---------------------------------------------------------------- responses
 def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=32) -> list:
     """Greedy answers to each entry's prompt, batched shortest first; the text of the new tokens only."""
-    model.eval()
     prompts = [enc.encode_ordinary(format_prompt(e, style)) for e in entries]
     order, out = sorted(range(len(prompts)), key=lambda i: len(prompts[i])), [""] * len(prompts)
     for k in range(0, len(order), batch_size):

@@ -76,6 +76,7 @@ ERRORS = {
     "vocabulary too small": (["train", "--model", str(FIXTURE), "--data", "{data}"], "has 512 tokens; the GPT-2 tokenizer needs 50257"),
     "negative epochs": (["train", "--model", "tiny", "--data", "{data}", "--epochs", "-1"], "--epochs must be positive"),
     "zero batch size": (["train", "--model", "tiny", "--data", "{data}", "--batch-size", "0"], "--batch-size must be positive"),
+    "unavailable device": (["train", "--model", "tiny", "--data", "{data}", "--device", "tpu"], "--device tpu is not available here"),
     "eval of an empty folder": (["eval", "--out", "{tmp}"], "holds no trained run"),
     "generate of an empty folder": (["generate", "--out", "{tmp}", "hi"], "holds no trained run"),
 }
