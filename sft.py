@@ -40,9 +40,9 @@ def load_entries(source: str = DATA_URL) -> list:
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of entries, found a {type(data).__name__}")
     for i, e in enumerate(data):
+        if not isinstance(e, dict):
+            raise ValueError(f"{path}: entry {i} is a {type(e).__name__}, not an object with instruction/input/output")
         for key in ("instruction", "input", "output"):
-            if not isinstance(e, dict):
-                raise ValueError(f"{path}: entry {i} is a {type(e).__name__}, not an object with instruction/input/output")
             if key not in e and key != "input" or key in e and not isinstance(e[key], str):
                 raise ValueError(f"{path}: entry {i}: {key!r} " + (f"must be a string, not {type(e[key]).__name__}" if key in e else "is missing"))
     return data
