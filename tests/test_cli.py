@@ -102,3 +102,23 @@ def test_hub_404_through_the_cli_is_one_line_without_traceback(tmp_path, small_d
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: ") and "nobody/nothing" in p.stderr and "not found" in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_without_ollama_keeps_the_responses_and_says_how_to_score_later(tmp_path, capsys, monkeypatch):
+    from test_judge import free_port
+    data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
+    assert run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 1, "--batch-size", 4)[0] == 0
+    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{free_port()}")
+    code, _, _ = run(capsys, "eval", "--out", out)
+    assert isinstance(code, str) and "cannot reach Ollama" in code and "ollama serve" in code
+    assert f"python judge.py {out}/instruction-data-with-response.json" in code and "\n" not in code
+    assert len(json.loads((out / "instruction-data-with-response.json").read_text())) == 1
+    assert not (out / "scores.json").exists()
+
+
+def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, small_data):
+    gpt.save_pretrained(gpt.GPT(gpt.GPTConfig(n_positions=96, n_embd=32, n_layer=2, n_head=4)), tmp_path / "base")
+    weights = tmp_path / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted copy
+    code, _, _ = run(capsys, "train", "--model", tmp_path / "base", "--data", small_data, "--out", tmp_path / "run")
+    assert isinstance(code, str) and f"{weights}: not a valid safetensors file" in code and "\n" not in code

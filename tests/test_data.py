@@ -144,3 +144,26 @@ def test_too_few_entries_to_split_names_the_source():
     with pytest.raises(ValueError, match=r"small\.json: 9 entries are too few .* at least 10"):
         sft.split([{"instruction": "a", "output": "b"}] * 9, "small.json")
     assert [len(x) for x in sft.split([{}] * 10)] == [8, 1, 1]
+
+
+def test_data_from_a_url_is_downloaded_once_then_read_from_the_cache():
+    import http.server
+    from conftest import serve
+    hits = []
+
+    class Files(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            body = DATA.read_bytes() if self.path == "/ch07/instruction-data.json" else b""
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    url, _ = serve(Files)
+    first = sft.load_entries(url + "/ch07/instruction-data.json")
+    assert len(first) == 1100 and sft.load_entries(url + "/ch07/instruction-data.json") == first
+    assert hits == ["/ch07/instruction-data.json"]
+    with pytest.raises(ValueError, match=r"missing\.json: not found; check the URL"):
+        sft.load_entries(url + "/missing.json")
