@@ -111,7 +111,7 @@ def read_safetensors(path) -> dict:
         try:
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)
-            entries = sorted((e["data_offsets"], k, e["dtype"], e["shape"]) for k, e in header.items())
+            entries = sorted(([*map(int, v["data_offsets"])], k, v["dtype"], [*map(int, v["shape"])]) for k, v in header.items())
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise bad(f"header is not JSON of the form {{name: {{dtype, shape, data_offsets}}}} ({e})") from None
     end = 0

@@ -116,6 +116,7 @@ BAD_FILES = {
     "hole": ({"a": {**F4, "data_offsets": [0, 4]}, "b": {**F4, "data_offsets": [8, 12]}}, b"\0" * 12, None, "hole"),
     "size mismatch": ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 12"),
     "unknown dtype": ({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0", None, "unknown dtype"),
+    "shape not numbers": ({"a": {"dtype": "F32", "shape": "abc", "data_offsets": [0, 4]}}, b"\0" * 4, None, "not JSON of the form"),
     "trailing bytes": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 9, None, "file has"),
     "data cut short": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 2, None, "file has"),
 }
