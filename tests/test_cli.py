@@ -122,3 +122,17 @@ def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, smal
     weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted copy
     code, _, _ = run(capsys, "train", "--model", tmp_path / "base", "--data", small_data, "--out", tmp_path / "run")
     assert isinstance(code, str) and f"{weights}: not a valid safetensors file" in code and "\n" not in code
+
+
+def test_ctrl_c_during_training_exits_with_one_line_and_no_files(tmp_path, small_data):
+    import signal
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "sft.py", "train", "--model", "tiny", "--data", small_data, "--out", str(out),
+                          "--epochs", "1000", "--batch-size", "2"], stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(sft.__file__))
+    for line in p.stderr:  # wait until the steps are running
+        if line.startswith("initial loss"):
+            break
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=60) == 1 and "Traceback" not in rest and rest.strip().splitlines()[-1].startswith("interrupted")
+    assert not out.exists() or not [f for f in os.listdir(out)]
