@@ -252,7 +252,6 @@ def evaluate(a):
     except ValueError as e:
         raise ValueError(f"{e}; the responses are saved: score them later with python judge.py {path}") from None
 
-
 def log(msg):  # progress and notes go to stderr; answers to stdout
     print(msg, file=sys.stderr, flush=True)
 
