@@ -136,3 +136,43 @@ def test_ctrl_c_during_training_exits_with_one_line_and_no_files(tmp_path, small
     rest = p.stderr.read()
     assert p.wait(timeout=60) == 1 and "Traceback" not in rest and rest.strip().splitlines()[-1].startswith("interrupted")
     assert not out.exists() or not [f for f in os.listdir(out)]
+
+
+def fake_run(tmp_path, entries, **settings):
+    """A run folder without training: the tiny model's random weights and a run.json pointing at the data."""
+    out = tmp_path / "run"
+    gpt.save_pretrained(sft.load_model("tiny", seed=1), out)
+    cfg = sft.TrainConfig(model="tiny", data=write_data(tmp_path / "d.json", entries), out=str(out), **settings)
+    (out / "run.json").write_text(json.dumps(sft.asdict(cfg)))
+    return out
+
+
+def test_responses_come_back_in_the_entries_order_not_the_length_order(tmp_path, capsys, monkeypatch):
+    from test_judge import free_port
+    filler = [(f"Filler {i}.", "", "x") for i in range(25)]
+    long = ("Write a long story about a cat who sails the seven seas and finds a treasure " * 3, "", "y")
+    test = [long, ("Hi.", "", "z"), ("Name two colors of the rainbow.", "", "w")]  # sorting by length reorders these
+    out = fake_run(tmp_path, filler + test + [("Val.", "", "v")] * 2)  # 30 entries: 25 train, 3 test, 2 validation
+    model, cfg = sft.load_run(str(out), "cpu")
+    entries = [{"instruction": i, "input": x, "output": o} for i, x, o in test]
+    alone = [sft.respond(model, [e], sft.tokenizer(), max_new_tokens=8)[0] for e in entries]
+    assert len(set(alone)) == 3  # distinct answers, so a mix-up would show
+    assert sft.respond(model, entries, sft.tokenizer(), max_new_tokens=8) == alone
+    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{free_port()}")
+    run(capsys, "eval", "--out", out)  # no judge: the responses are still written
+    saved = json.loads((out / "instruction-data-with-response.json").read_text())
+    assert [r["instruction"] for r in saved] == [e["instruction"] for e in entries]
+    for r in saved:
+        code, stdout, _ = run(capsys, "generate", "--out", out, r["instruction"])
+        assert stdout == r["model_response"] + "\n"
+
+
+def test_training_caps_max_length_at_a_short_model_context(tmp_path, capsys):
+    base = tmp_path / "base"
+    gpt.save_pretrained(gpt.GPT(gpt.GPTConfig(n_positions=24, n_embd=32, n_layer=2, n_head=4)), base)
+    data = write_data(tmp_path / "d.json", MEMO)  # alpaca prompts are over 40 tokens: longer than the context
+    code, _, err = run(capsys, "train", "--model", base, "--data", data, "--out", tmp_path / "run", "--epochs", 1)
+    assert code == 0, err
+    assert "9 cut to --max-length 24" in err  # the train and validation rows
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["val_loss"] > 0 for m in metrics)
