@@ -3,9 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
-ifneq ($(wildcard ../shared/tiktoken-cache),)
-export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken-cache)
-endif
 
 .PHONY: install train eval test bench clean
 install: $(VENV)/.installed

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 import tiktoken
 
-DATA_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data", "instruction-data.json")  # the book's 1,100 entries, shipped (Apache-2.0)
 EOT = 50256      # <|endoftext|>: pads the batches and is the one end target each row keeps
 IGNORE = -100    # targets that cross_entropy skips
 RUN_FILE = "run.json"  # the training settings that eval and generate rebuild the data and prompts from
@@ -20,7 +21,7 @@ STYLES = {  # (instruction, input when non-empty, response marker)
 }
 
 # ---------------------------------------------------------------- data
-def load_entries(source: str = DATA_URL) -> list:
+def load_entries(source: str = DATA) -> list:
     """A JSON list (or .jsonl) of {instruction, input?, output} from a path or URL (downloaded once, cached)."""
     path = source
     if source.startswith(("http://", "https://")):
@@ -61,10 +62,15 @@ def split(entries: list, source: str = "data") -> tuple:
     return train, val, test
 
 def tokenizer():
+    """tiktoken's gpt2 encoding; its BPE files ship in data/tiktoken-cache, so no download is needed."""
+    # a cache folder the user chose wins; tiktoken checks the files' hashes either way
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "data", "tiktoken-cache"))
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken fetches its files once; offline it fails in several ways
-        raise ValueError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); go online once or set TIKTOKEN_CACHE_DIR") from None
+    except Exception as e:  # a chosen cache without the files: tiktoken tries to download, and offline it fails
+        cache = os.environ["TIKTOKEN_CACHE_DIR"]
+        raise ValueError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}) with TIKTOKEN_CACHE_DIR={cache}; "
+                         "unset it to use the shipped files") from None
 
 def tokenize(entries: list, enc, style: str = "alpaca") -> list:
     """[(ids, prompt_len)]: ids = enc(prompt) + enc(output); <|endoftext|> in the text stays plain text."""
@@ -88,7 +94,7 @@ def opt(default, help):
 @dataclass
 class TrainConfig:
     model: str = opt("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a local folder, or tiny (random, no download)")
-    data: str = opt(DATA_URL, "instruction data: a JSON/JSONL path or URL")
+    data: str = opt(DATA, "instruction data: a JSON/JSONL path or URL (default: the book's, shipped in data/)")
     out: str = opt("", "run directory (default runs/<model name>)")
     style: str = opt("alpaca", "prompt style: " + " or ".join(STYLES) + " (exercise 7.1)")
     mask_prompt: bool = opt(False, "no loss on the prompt tokens (exercise 7.2)")

@@ -7,10 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
-if (SHARED / "tiktoken-cache").is_dir():
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
-DATA = str(SHARED / "data" / "instruction-data.json")
+DATA = str(ROOT / "data" / "instruction-data.json")
 
 import gpt, sft  # noqa: E402
 import torch  # noqa: E402

@@ -4,11 +4,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-if (SHARED / "tiktoken-cache").is_dir():
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-gpt2"
-DATA = SHARED / "data" / "instruction-data.json"
+DATA = Path(__file__).resolve().parents[1] / "data" / "instruction-data.json"
 
 import gpt  # noqa: E402  (after the environment is set)
 import torch  # noqa: E402

@@ -1,5 +1,5 @@
 """sft.py stage 1: entries -> prompts -> tokens -> batches. The collate rules R1-R5 of DESIGN.md as properties."""
-import json
+import json, os, subprocess, sys
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -91,7 +91,8 @@ def test_the_books_worked_example():
 
 # ---------------------------------------------------------------- the book's data
 def test_books_split_and_prompt_templates_to_the_character():
-    entries = sft.load_entries(str(DATA))
+    entries = sft.load_entries()  # the default: the book's file, shipped in data/
+    assert entries == sft.load_entries(str(DATA)) and sft.TrainConfig().data == str(DATA)
     train, val, test = sft.split(entries)
     assert (len(train), len(val), len(test)) == (935, 55, 110)
     assert train == entries[:935] and test == entries[935:1045] and val == entries[1045:]
@@ -110,6 +111,14 @@ def test_tokens_are_prompt_then_output_and_end_of_text_in_data_is_plain_text():
     [(ids, plen)] = sft.tokenize([entry], enc)
     assert EOT not in ids
     assert enc.decode(ids[:plen]) == sft.format_prompt(entry) and enc.decode(ids[plen:]) == entry["output"]
+
+
+def test_the_tokenizer_works_offline_from_the_shipped_files(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
+    env.update(HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", TMPDIR=str(tmp_path))  # no network
+    code = "import sft; print(sft.tokenizer().encode('Hello world<|endoftext|>', allowed_special='all'))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=DATA.parents[1])
+    assert p.stdout == "[15496, 995, 50256]\n", p.stderr  # GPT-2's ids, as the book shows for "Hello world"
 
 
 def test_jsonl_files_load_like_json_lists(tmp_path):

@@ -4,7 +4,7 @@ import json, os, shutil, socket
 import pytest
 
 import judge
-from conftest import SHARED, ollama
+from conftest import FIXTURE, ollama
 
 # The three sample judge replies of chapter 7 (abridged to their scoring sentences and first reasons).
 BOOK_REPLIES = [
@@ -101,7 +101,7 @@ def test_failures_are_one_clear_line_and_a_nonzero_exit(tmp_path, capsys, case):
 
 
 def test_the_books_own_110_responses_score_in_full(tmp_path, capsys):
-    shutil.copy(SHARED / "data" / "instruction-data-with-response.json", tmp_path)
+    shutil.copy(FIXTURE.parent / "book-responses.json", tmp_path / "instruction-data-with-response.json")
     url, bodies = ollama(replies=["50", "Score: 60", "70 out of 100"])
     code, err = cli(capsys, tmp_path / "instruction-data-with-response.json", "--url", url)
     assert code == 0 and "(110 of 110 scored)" in err and len(bodies) == 110
