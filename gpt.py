@@ -1,5 +1,5 @@
 """GPT-2 in one file: the model, safetensors I/O, Hugging Face checkpoints in and out, batched generation."""
-import ctypes, json, math, os, sys, tempfile, urllib.error, urllib.request, warnings
+import ctypes, http.client, json, math, os, re, sys, urllib.error, urllib.request, warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 warnings.filterwarnings("ignore", "Failed to initialize NumPy")  # torch warns when numpy is absent; we never use it
@@ -15,6 +15,15 @@ class GPTConfig:
     n_layer: int = 12               # transformer blocks
     n_head: int = 12                # attention heads per block (n_embd % n_head == 0)
     layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):  # a hand-written config.json may hold anything
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kinds = (int,) if f.type is int else (int, float)
+            if type(value) not in kinds or not 0 < value < math.inf:
+                raise ValueError(f"config {f.name} must be a positive {f.type.__name__}, not {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"config n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
 
 # ---------------------------------------------------------------- the model
 class Attention(nn.Module):
@@ -94,140 +103,279 @@ def merge_lora(model: GPT) -> GPT:
     return model.requires_grad_(True)
 
 # ---------------------------------------------------------------- safetensors
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+HEADER_LIMIT = 100_000_000  # bytes: the format's cap on the JSON header
+
+
+def _is_count(x) -> bool:
+    """A JSON integer that fits torch's int64 sizes (True and 4.0 are not integers here)."""
+    return type(x) is int and 0 <= x < 2**63
+
+
+def _tensor_entries(header) -> list:
+    """The header's tensors as [(begin, end, name, dtype, shape)], each field checked; sorted by offset."""
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("__metadata__ is not an object of strings")
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise ValueError(f"tensor {name} is not an object with dtype, shape and data_offsets")
+        dtype = info["dtype"]
+        shape = info["shape"]
+        offsets = info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ValueError(f"tensor {name} has an unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(map(_is_count, shape)):
+            raise ValueError(f"tensor {name}: shape {shape!r} is not a list of integers >= 0")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+            raise ValueError(f"tensor {name}: data_offsets {offsets!r} is not two integers >= 0")
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    return sorted(entries)
+
+
+def _check_layout(entries, data_size: int):
+    """Tensors tile the data exactly: contiguous from 0, no holes or overlaps, each the size its shape needs."""
+    end = 0
+    for begin, stop, name, dtype, shape in entries:
+        if begin < end:
+            raise ValueError(f"tensor {name} starts at {begin}, overlapping the previous data (ends at {end})")
+        if begin > end:
+            raise ValueError(f"tensor {name} starts at {begin}, leaving a hole after the previous data (ends at {end})")
+        need = math.prod(shape) * DTYPES[dtype].itemsize
+        if stop - begin != need:
+            raise ValueError(f"tensor {name} spans {stop - begin} bytes, but {dtype} x {shape} needs {need}")
+        end = stop
+    if end != data_size:
+        raise ValueError(f"the tensors cover {end} bytes of data, but the file has {data_size}")
+
 
 def read_safetensors(path) -> dict:
     """Memory-map a .safetensors file into {name: tensor}, checking every rule of the format."""
-    def bad(rule):
-        return ValueError(f"{path}: not a valid safetensors file: {rule}")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if rule := (f"truncated: {size} bytes, shorter than the 8-byte header length" if size < 8 else
-                    f"header of {n} bytes is over the 100 MB limit" if n > 100_000_000 else
-                    f"header length {n} runs past the end of the {size}-byte file" if 8 + n > size else None):
-            raise bad(rule)
+        n = int.from_bytes(f.read(8), "little")  # the header's length in bytes
         try:
-            header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            entries = sorted(([*map(int, v["data_offsets"])], k, v["dtype"], [*map(int, v["shape"])]) for k, v in header.items())
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise bad(f"header is not JSON of the form {{name: {{dtype, shape, data_offsets}}}} ({e})") from None
-    end = 0
-    for (b, e), name, dtype, shape in entries:
-        if dtype not in DTYPES:
-            raise bad(f"tensor {name} has unknown dtype {dtype!r}")
-        if b != end:
-            raise bad(f"tensor {name} starts at {b}, {'overlapping' if b < end else 'leaving a hole after'} the previous data (ends at {end})")
-        if e - b != (need := math.prod(shape) * DTYPES[dtype].itemsize):
-            raise bad(f"tensor {name} spans {e - b} bytes but {dtype} x {shape} needs {need}")
-        end = e
-    if 8 + n + end != size:
-        raise bad(f"data ends at byte {8 + n + end} but the file has {size} bytes")
-    raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(path), False, size))  # private mmap
-    views = {name: (raw[8 + n + b:8 + n + e], DTYPES[dtype], shape) for (b, e), name, dtype, shape in entries}  # copied only if unaligned
-    return {k: (t if t.storage_offset() % dt.itemsize == 0 else t.clone()).view(dt).view(s) for k, (t, dt, s) in views.items()}
+            if size < 8:
+                raise ValueError(f"truncated: {size} bytes, shorter than the 8-byte header length")
+            if n > HEADER_LIMIT:
+                raise ValueError(f"a header of {n} bytes is over the 100 MB limit")
+            if 8 + n > size:
+                raise ValueError(f"a header of {n} bytes runs past the end of the {size}-byte file")
+            text = f.read(n).decode("utf-8")
+            if not text.startswith("{"):
+                raise ValueError("the header does not start with {")
+            try:
+                header = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"the header is not JSON ({e})") from None
+            entries = _tensor_entries(header)
+            _check_layout(entries, size - 8 - n)
+        except RecursionError:
+            raise ValueError(f"{path}: not a valid safetensors file: the header is nested too deeply") from None
+        except ValueError as e:  # json's and UTF-8's errors are ValueErrors too
+            raise ValueError(f"{path}: not a valid safetensors file: {e}") from None
+    # a private copy-on-write map of the file: pages load as tensors touch them, and writes never reach the file
+    raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(path), False, size))
+    tensors = {}
+    for begin, stop, name, dtype, shape in entries:
+        t = raw[8 + n + begin:8 + n + stop]
+        if t.storage_offset() % DTYPES[dtype].itemsize:
+            t = t.clone()  # a view must start on a multiple of its item size; copy the rare misaligned one
+        tensors[name] = t.view(DTYPES[dtype]).view(shape)
+    return tensors
+
+
+def _atomic_write(path, write, check=None):
+    """write(f) into path.tmp, fsync, check(tmp), then rename over path: no reader sees a half or bad file."""
+    tmp = f"{path}.tmp"  # one fixed name: a killed write is overwritten by the next, never piles up
+    try:
+        with open(tmp, "wb") as f:  # a new file's mode follows the umask
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk or a read-only folder: name the file
+            raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+
 
 def write_text(path, text: str):
     _atomic_write(path, lambda f: f.write(text.encode()))
 
-def _atomic_write(path, write):
-    """Write through a temp file in the same folder, then rename: a crash never leaves a half file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None):
-    header, offset, blobs = {"__metadata__": metadata} if metadata else {}, 0, []
+    """{name: tensor} -> a .safetensors file, tensors in order, each 8-byte aligned."""
+    header = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    names = {t: name for name, t in DTYPES.items()}
+    blobs = []
+    offset = 0
     for name, t in tensors.items():
-        b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        header[name] = {"dtype": {v: k for k, v in DTYPES.items()}[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + b.numel()]}
-        blobs.append(b)
-        offset += b.numel()
+        blob = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + blob.numel()]}
+        blobs.append(blob)
+        offset += blob.numel()
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # pad so every tensor starts 8-byte aligned
+    head += b" " * (-len(head) % 8)  # pad so the data, and so every tensor, starts 8-byte aligned
+
     def write(f):
         f.write(len(head).to_bytes(8, "little") + head)
-        for b in blobs:  # torch offers no buffer protocol without numpy: hand write() the raw memory
-            if b.numel():
-                f.write((ctypes.c_char * b.numel()).from_address(b.data_ptr()))
+        for blob in blobs:  # torch offers no buffer protocol without numpy: hand write() the raw memory
+            if blob.numel():
+                f.write((ctypes.c_char * blob.numel()).from_address(blob.data_ptr()))
     _atomic_write(path, write)
+
 
 # ---------------------------------------------------------------- Hugging Face checkpoints
 ALIASES = {a: f"openai-community/{a}" for a in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name; never "." or ".."
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
+DOWNLOAD_TIMEOUT = 60  # seconds a download may wait for the server's next bytes
+HTTP_ERRORS = (OSError, http.client.HTTPException, ValueError)  # refused, reset, timed out, not HTTP, bad URL
 
-def download(url, dest, hint):
-    """Fetch url into dest (atomically) with a progress line on stderr; failures become one clear ValueError."""
+
+def _copy_body(response, f, url: str):
+    """Copy a response body into f, refusing one that ends before its Content-Length."""
+    total = response.headers.get("Content-Length")
+    while True:
+        try:
+            chunk = response.read(1 << 22)
+        except HTTP_ERRORS as e:  # a reset, a stall, a chunked body cut short
+            raise ValueError(f"the download of {url} broke off ({type(e).__name__}: {e}); try again") from None
+        if not chunk:
+            break
+        f.write(chunk)
+        print(f"\rdownloading {url}: {f.tell() / 1e6:.0f} MB", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    if total is not None and f.tell() != int(total):  # http.client ends a short sized body quietly
+        raise ValueError(f"the download of {url} stopped at {f.tell()} of {total} bytes; try again")
+
+
+def download(url: str, dest: str, check):
+    """Fetch url into dest, whole (Content-Length) and valid (check(path) raises ValueError), or not at all."""
     try:
-        with urllib.request.urlopen(url, timeout=60) as r:  # follows the hub's redirect
-            total = int(r.headers.get("Content-Length") or 0)
-
-            def write(f):
-                while chunk := r.read(1 << 22):
-                    f.write(chunk)
-                    print(f"\rdownloading {url}: {f.tell() / 1e6:.0f}/{total / 1e6:.0f} MB", end="", file=sys.stderr)
-            _atomic_write(dest, write)
-            print(file=sys.stderr)
+        response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)  # follows the hub's redirect
     except urllib.error.HTTPError as e:
-        raise ValueError(f"{url}: {'not found' if e.code in (401, 404) else f'HTTP {e.code}'}; {hint}") from None
-    except (urllib.error.URLError, TimeoutError) as e:
-        raise ValueError(f"cannot reach {url} ({getattr(e, 'reason', e)}); {hint}") from None
+        reason = "not found" if e.code in (401, 404) else f"HTTP {e.code} {e.reason}"
+        raise ValueError(f"{url}: {reason}") from None
+    except HTTP_ERRORS as e:
+        reason = " ".join(str(getattr(e, "reason", e)).split())  # one line, even from a server that sent junk
+        raise ValueError(f"cannot download {url} ({reason}): check the network connection") from None
+
+    def check_download(tmp):
+        try:
+            check(tmp)
+        except ValueError as e:  # a proxy's HTML page, say
+            raise ValueError(f"{url} sent something else than the file ({e})") from None
+    with response:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        _atomic_write(dest, lambda f: _copy_body(response, f, url), check_download)
+
 
 def cache_dir(*parts) -> str:
-    """$XDG_CACHE_HOME/gpt2-sft/... (default ~/.cache/gpt2-sft/...), created on first use."""
-    d = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2-sft", *parts)
-    os.makedirs(d, exist_ok=True)
-    return d
+    """$XDG_CACHE_HOME/gpt2-sft/... (default ~/.cache/gpt2-sft/...)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(root, "gpt2-sft", *parts)
+
+
+def read_config(path) -> GPTConfig:
+    """A checkpoint's config.json -> GPTConfig (extra keys ignored, the sizes checked)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    try:
+        return GPTConfig(**{f.name: raw[f.name] for f in fields(GPTConfig) if f.name in raw})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _fetch(repo: str) -> str:
+    """Download a hub repo's config.json and model.safetensors once into the cache; returns the folder."""
+    folder = cache_dir(repo)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    checks = {"config.json": read_config, "model.safetensors": read_safetensors}
+    for file, check in checks.items():
+        if not os.path.exists(os.path.join(folder, file)):  # a file appears only when whole and checked
+            download(f"{endpoint}/{repo}/resolve/main/{file}", os.path.join(folder, file), check)
+    return folder
+
+
+def _load_folder(folder: str) -> GPT:
+    config = read_config(os.path.join(folder, "config.json"))
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(path):
+        raise ValueError(f"{folder}: no model.safetensors; a checkpoint folder holds config.json and model.safetensors")
+    state = {}
+    for k, v in read_safetensors(path).items():
+        k = k.removeprefix("transformer.")  # transformers' save_pretrained writes this prefix
+        buffer = k.endswith((".attn.bias", ".attn.masked_bias")) and not k.endswith("c_attn.bias")
+        if buffer or k == "lm_head.weight":
+            continue  # causal-mask buffers and the tied head carry nothing we need
+        if k.endswith(CONV1D):
+            v = v.t()
+        state[k] = v
+    with torch.device("meta"):
+        model = GPT(config)  # no memory yet: the file's tensors are assigned below
+    wanted = {k: tuple(p.shape) for k, p in model.state_dict().items()}
+    for k in sorted(wanted.keys() | state.keys()):
+        if k not in state:
+            raise ValueError(f"{path}: tensor {k}: missing")
+        if k not in wanted:
+            raise ValueError(f"{path}: tensor {k}: unexpected")
+        if tuple(state[k].shape) != wanted[k]:
+            raise ValueError(f"{path}: tensor {k}: shape {tuple(state[k].shape)}, config says {wanted[k]}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)  # F32 stays memory-mapped
+    return model
+
 
 def from_pretrained(name: str) -> GPT:
-    """Load a GPT-2 checkpoint in the Hugging Face layout: a local folder, an alias, or an owner/name repo (cached)."""
-    d, repo = name, ALIASES.get(name, name)
-    if not os.path.isdir(name):
-        if repo.count("/") != 1 or os.sep in name and os.path.exists(os.path.dirname(name)):
-            raise ValueError(f"model {name}: no such folder, and not a Hugging Face repo name like gpt2-medium or owner/name")
-        d, endpoint = cache_dir(repo), os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        for file in ("config.json", "model.safetensors"):  # each file appears only when whole, so a cached one is done
-            if not os.path.exists(os.path.join(d, file)):
-                download(f"{endpoint}/{repo}/resolve/main/{file}", os.path.join(d, file),
-                         f"is model {repo} a GPT-2 repo (e.g. gpt2-medium, owner/name)? Set HF_ENDPOINT for a mirror")
+    """A GPT-2 checkpoint in the Hugging Face layout: a local folder, an alias, or an owner/name repo (cached)."""
+    if os.path.isdir(name):
+        return _load_folder(name)
+    repo = ALIASES.get(name, name)
+    if not REPO.fullmatch(repo):
+        raise ValueError(f"model {name}: no such folder, and not a Hugging Face repo name like gpt2-medium or owner/name")
     try:
-        with open(os.path.join(d, "config.json")) as f:
-            raw = json.load(f)
-        config = GPTConfig(**{k.name: raw[k.name] for k in fields(GPTConfig) if k.name in raw})
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{d}: no readable GPT-2 config.json ({e}); a checkpoint folder holds config.json and model.safetensors") from None
-    sd = {}
-    for k, v in read_safetensors(os.path.join(d, "model.safetensors")).items():
-        k = k.removeprefix("transformer.")
-        if k.endswith(("attn.bias", "attn.masked_bias")) and not k.endswith("c_attn.bias") or k == "lm_head.weight":
-            continue  # causal-mask buffers and the tied head carry nothing we need
-        sd[k] = v.t() if k.endswith(CONV1D) else v
-    with torch.device("meta"):
-        model = GPT(config)
-    want = {k: tuple(p.shape) for k, p in model.state_dict().items()}
-    for k in sorted(want.keys() | sd.keys()):
-        if k not in sd or k not in want or tuple(sd[k].shape) != want[k]:
-            got = "missing" if k not in sd else "unexpected" if k not in want else f"shape {tuple(sd[k].shape)}, config says {want[k]}"
-            raise ValueError(f"{d}/model.safetensors: tensor {k}: {got}")
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)  # F32 stays memory-mapped
-    return model
+        folder = _fetch(repo)
+    except ValueError as e:
+        raise ValueError(f"{e}; --model takes a GPT-2 repo (gpt2-medium, owner/name) or a local folder, "
+                         "and HF_ENDPOINT sets a mirror") from None
+    try:
+        return _load_folder(folder)
+    except ValueError as e:  # a cached file spoiled after its download was checked
+        raise ValueError(f"{e} (a cached download: delete {folder} to download it again)") from None
+
 
 def save_pretrained(model: GPT, out_dir: str):
     """Write config.json + model.safetensors in the hub layout (no prefix, Conv1D weights (in, out), no lm_head)."""
     os.makedirs(out_dir, exist_ok=True)
-    config = {**asdict(model.config), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
-              "tie_word_embeddings": True}
-    tensors = {k: (v.t() if k.endswith(CONV1D) else v) for k, v in model.state_dict().items()}
+    config = {
+        **asdict(model.config), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "activation_function": "gelu_new", "tie_word_embeddings": True,
+    }
+    tensors = {}
+    for k, v in model.state_dict().items():
+        tensors[k] = v.t() if k.endswith(CONV1D) else v
     write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
     write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2))
+
 
 # ---------------------------------------------------------------- generation
 @torch.no_grad()

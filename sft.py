@@ -1,5 +1,5 @@
 """Instruction finetuning of GPT-2: data -> prompts -> tokens -> batches -> training -> responses, and the CLI."""
-import argparse, hashlib, json, os, sys, time
+import argparse, hashlib, json, os, sys, time, urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 
 from gpt import GPT, GPTConfig, add_lora, cache_dir, download, from_pretrained, generate, merge_lora, save_pretrained, write_text
@@ -21,32 +21,56 @@ STYLES = {  # (instruction, input when non-empty, response marker)
 }
 
 # ---------------------------------------------------------------- data
-def load_entries(source: str = DATA) -> list:
-    """A JSON list (or .jsonl) of {instruction, input?, output} from a path or URL (downloaded once, cached)."""
-    path = source
-    if source.startswith(("http://", "https://")):
-        path = os.path.join(cache_dir("data"), hashlib.sha1(source.encode()).hexdigest()[:8] + "-" + source.rsplit("/", 1)[-1])
-        if not os.path.exists(path):
-            download(source, path, "check the URL, or pass a local file with --data PATH")
+def _loads(text: str, path: str, first_line: int = 1):
+    """json.loads with errors that name the file and the line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = first_line + e.lineno - 1
+        raise ValueError(f"{path}: malformed JSON at line {line}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: the JSON is nested too deeply") from None
+
+
+def read_entries(path: str) -> list:
+    """A local JSON list (or .jsonl, one entry a line) of {instruction, input?, output}, every entry checked."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the data ({getattr(e, 'strerror', None) or e}); pass --data PATH or URL") from None
-    try:
-        data = [json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl") else json.loads(text)
-    except json.JSONDecodeError as e:  # in a .jsonl file e.doc is the broken line itself
-        line = e.lineno if e.doc == text else text.splitlines().index(e.doc) + 1
-        raise ValueError(f"{path}: malformed JSON at line {line}, column {e.colno}: {e.msg}") from None
+        reason = getattr(e, "strerror", None) or e
+        raise ValueError(f"{path}: cannot read the data ({reason}); pass --data PATH or URL") from None
+    if path.endswith(".jsonl"):  # split on \n only: str.splitlines() also splits inside strings, at U+2028
+        data = [_loads(line, path, i + 1) for i, line in enumerate(text.split("\n")) if line.strip()]
+    else:
+        data = _loads(text, path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of entries, found a {type(data).__name__}")
-    for i, e in enumerate(data):
-        if not isinstance(e, dict):
-            raise ValueError(f"{path}: entry {i} is a {type(e).__name__}, not an object with instruction/input/output")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: entry {i} is a {type(entry).__name__}, not an object with instruction/input/output")
         for key in ("instruction", "input", "output"):
-            if key not in e and key != "input" or key in e and not isinstance(e[key], str):
-                raise ValueError(f"{path}: entry {i}: {key!r} " + (f"must be a string, not {type(e[key]).__name__}" if key in e else "is missing"))
+            if key not in entry:
+                if key != "input":  # the only optional key
+                    raise ValueError(f"{path}: entry {i}: {key!r} is missing")
+            elif not isinstance(entry[key], str):
+                raise ValueError(f"{path}: entry {i}: {key!r} must be a string, not {type(entry[key]).__name__}")
     return data
+
+
+def load_entries(source: str = DATA) -> list:
+    """Entries from a local path, or from a URL downloaded once into the cache (checked before it is kept)."""
+    if not source.startswith(("http://", "https://")):
+        return read_entries(source)
+    suffix = ".jsonl" if urllib.parse.urlsplit(source).path.endswith(".jsonl") else ".json"
+    path = os.path.join(cache_dir("data"), hashlib.sha1(source.encode()).hexdigest()[:16] + suffix)
+    if not os.path.exists(path):
+        try:
+            download(source, path, read_entries)
+        except ValueError as e:
+            raise ValueError(f"{e}; check the URL, or pass a local file with --data PATH") from None
+    return read_entries(path)
+
 
 def format_prompt(entry: dict, style: str = "alpaca") -> str:
     """The prompt up to and including the response marker; training appends the output, inference generates it."""
@@ -266,7 +290,7 @@ def run_cli(fn, *args):
     try:
         fn(*args)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message held
     except KeyboardInterrupt:
         sys.exit("interrupted: the files written so far are whole; nothing half-written was left")
 

@@ -1,5 +1,6 @@
 """gpt.py: weights load exactly as transformers computes them, saving round-trips, generation is batch-safe."""
-import http.server, json, os, struct
+import http.server, json, os, struct, threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,7 +117,20 @@ BAD_FILES = {
     "hole": ({"a": {**F4, "data_offsets": [0, 4]}, "b": {**F4, "data_offsets": [8, 12]}}, b"\0" * 12, None, "hole"),
     "size mismatch": ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 12"),
     "unknown dtype": ({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0", None, "unknown dtype"),
-    "shape not numbers": ({"a": {"dtype": "F32", "shape": "abc", "data_offsets": [0, 4]}}, b"\0" * 4, None, "not JSON of the form"),
+    "shape not numbers": ({"a": {"dtype": "F32", "shape": "abc", "data_offsets": [0, 4]}}, b"\0" * 4, None, "not a list of integers"),
+    "float dim": ({"a": {"dtype": "F32", "shape": [4.5], "data_offsets": [0, 16]}}, b"\0" * 16, None, "integers >= 0"),
+    "bool dim": ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, None, "integers >= 0"),
+    "Infinity dim": (b'{"a":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,4]}}', b"\0" * 4, None, "integers >= 0"),
+    "negative dim": ({"a": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "integers >= 0"),
+    "dim past 2**63": ({"a": {"dtype": "F32", "shape": [2**64, 0], "data_offsets": [0, 0]}}, b"", None, "integers >= 0"),
+    "list as dtype": ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "unknown dtype"),
+    "three offsets": ({"a": {**F4, "data_offsets": [0, 4, 8]}}, b"\0" * 4, None, "not two integers"),
+    "string offsets": ({"a": {**F4, "data_offsets": ["0", "4"]}}, b"\0" * 4, None, "not two integers"),
+    "metadata not strings": ({"__metadata__": {"v": 1}, "a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 4, None,
+                             "__metadata__ is not an object of strings"),
+    "header a list": (b"[1, 2]", b"", None, "does not start with {"),
+    "header not UTF-8": (b'{"\xff": 1}', b"", None, "can't decode"),
+    "deep nesting": (b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}", b"", None, "nested too deeply"),
     "trailing bytes": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 9, None, "file has"),
     "data cut short": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 2, None, "file has"),
 }
@@ -195,5 +209,109 @@ def test_hub_download_is_cached_and_a_missing_repo_is_named(tmp_path, monkeypatc
         gpt.from_pretrained("nobody/nothing")
     srv.shutdown()
     srv.server_close()
-    with pytest.raises(ValueError, match="cannot reach"):
+    with pytest.raises(ValueError, match="cannot download .*check the network connection.*or a local folder"):
         gpt.from_pretrained("gpt2")
+
+
+def raw_server(responses):
+    """A loopback TCP server that answers each request for a path with canned raw bytes, then hangs up."""
+    import socketserver
+
+    class Raw(socketserver.StreamRequestHandler):
+        def handle(self):
+            path = self.rfile.readline().split()[1].decode()
+            while self.rfile.readline().strip():  # the rest of the request head
+                pass
+            self.wfile.write(responses.get(path, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"))
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Raw)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+CONFIG = (FIXTURE / "config.json").read_bytes()
+WEIGHTS = (FIXTURE / "model.safetensors").read_bytes()
+
+
+def ok(body):
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+BROKEN_DOWNLOADS = {
+    "body cut short": (ok(WEIGHTS)[:-1000], "stopped at .* of %d bytes" % len(WEIGHTS)),
+    "chunked body cut short": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + WEIGHTS[:100],
+                               "broke off"),
+    "an HTML page": (ok(b"<html>Please log in</html>"), "sent something else than the file .*not a valid safetensors"),
+    "not an HTTP server": (b"SSH-2.0-OpenSSH_9.2\r\n", "cannot download .*check the network"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_DOWNLOADS)
+def test_a_broken_download_is_one_error_and_nothing_is_cached(tmp_path, monkeypatch, case):
+    reply, message = BROKEN_DOWNLOADS[case]
+    url = raw_server({"/o/m/resolve/main/config.json": ok(CONFIG), "/o/m/resolve/main/model.safetensors": reply})
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    with pytest.raises(ValueError, match=message):
+        gpt.from_pretrained("o/m")
+    assert os.listdir(gpt.cache_dir("o", "m")) == ["config.json"]  # checked and kept; no weights, no temp file
+    url = raw_server({"/o/m/resolve/main/model.safetensors": ok(WEIGHTS)})  # the network heals
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    assert gpt.from_pretrained("o/m").config.n_layer == 2
+
+
+def test_an_html_config_is_refused_before_it_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", raw_server({"/o/m/resolve/main/config.json": ok(b"<!DOCTYPE html>")}))
+    with pytest.raises(ValueError, match="config.json sent something else than the file .*not a readable JSON"):
+        gpt.from_pretrained("o/m")
+    assert not os.path.exists(gpt.cache_dir("o", "m", "config.json"))
+
+
+def test_a_stalled_download_and_a_bad_url_are_one_line(monkeypatch):
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # accepts, never answers
+    monkeypatch.setattr(gpt, "DOWNLOAD_TIMEOUT", 0.5)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    with pytest.raises(ValueError, match="cannot download .*timed out.*check the network"):
+        gpt.from_pretrained("o/m")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1/a b")
+    with pytest.raises(ValueError, match="cannot download"):
+        gpt.from_pretrained("o/m")
+    listener.close()
+
+
+def test_a_spoiled_cache_file_is_named_with_how_to_fetch_it_again(monkeypatch):
+    folder = gpt.cache_dir("o", "m")
+    os.makedirs(folder)
+    (Path(folder) / "config.json").write_bytes(CONFIG)
+    (Path(folder) / "model.safetensors").write_bytes(WEIGHTS[:-10])
+    with pytest.raises(ValueError, match=f"{folder}/model.safetensors: not a valid .*delete {folder} to download"):
+        gpt.from_pretrained("o/m")
+
+
+def test_a_leftover_temp_file_is_reused_not_piled_up(monkeypatch):
+    folder = gpt.cache_dir("o", "m")
+    os.makedirs(folder)
+    (Path(folder) / "model.safetensors.tmp").write_bytes(b"from a download killed with SIGKILL")
+    url = raw_server({"/o/m/resolve/main/config.json": ok(CONFIG), "/o/m/resolve/main/model.safetensors": ok(WEIGHTS)})
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    gpt.from_pretrained("o/m")
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["x/..", "owner/.", "../etc", "a/b/c", "-x/y"])
+def test_repo_names_that_are_paths_are_refused(name):
+    with pytest.raises(ValueError, match="not a Hugging Face repo name"):
+        gpt.from_pretrained(name)
+
+
+@pytest.mark.parametrize("field,value", [("n_head", 5), ("n_embd", "32"), ("n_layer", 2.0), ("n_layer", None),
+                                         ("n_positions", 0), ("n_head", True), ("layer_norm_epsilon", float("nan"))])
+def test_a_bad_config_value_is_named(tmp_path, field, value):
+    config = json.loads(CONFIG)
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(WEIGHTS)
+    with pytest.raises(ValueError, match=f"config.json: config {'n_embd' if value == 5 else field}"):
+        gpt.from_pretrained(str(tmp_path))
