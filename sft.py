@@ -2,7 +2,9 @@
 import argparse, hashlib, json, os, sys, time, urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 
-from gpt import GPT, GPTConfig, add_lora, cache_dir, download, from_pretrained, generate, merge_lora, save_pretrained, write_text
+import judge
+from gpt import GPT, GPTConfig, add_lora, cache_dir, download, from_pretrained, generate, merge_lora
+from gpt import save_pretrained, write_text
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -263,24 +265,67 @@ def load_run(out: str, device: str):
         raise ValueError(f"{out}: holds no trained run (no readable {RUN_FILE}); train one with python sft.py train --out {out}") from None
     return load_model(out).to(pick_device(device)), cfg
 
-def answer(a):
+def generate_command(a):
     """generate: the response alone on stdout, so it composes in pipes."""
     model, cfg = load_run(a.out, a.device)
-    print(respond(model, [{"instruction": a.instruction, "input": a.input}], tokenizer(), cfg.style, a.max_new_tokens)[0])
+    entry = {"instruction": a.instruction, "input": a.input}
+    print(respond(model, [entry], tokenizer(), cfg.style, a.max_new_tokens)[0])
 
-def evaluate(a):
-    """eval: the test split's responses, saved, then scored by the judge."""
-    out, (model, cfg) = a.out, load_run(a.out, a.device)
-    test, t0 = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)[2], time.time()
-    responses = respond(model, test, tokenizer(), cfg.style)
-    path = os.path.join(out, "instruction-data-with-response.json")
-    write_text(path, json.dumps([{**e, "model_response": r} for e, r in zip(test, responses)], indent=2))
-    log(f"{len(test)} test responses in {time.time() - t0:.1f}s -> {path}")
-    import judge  # here, not at the top: judge.py imports this file for the prompt format
+
+def scores_path(responses_path: str) -> str:
+    """Scores live beside their responses, under a name derived from them: X.json -> X-scores.json."""
+    stem = responses_path.removesuffix(".json")
+    return stem + "-scores.json"
+
+
+def judge_file(path: str, model: str, key: str, url, timeout) -> dict:
+    """Score every entry's response; writes X-scores.json (each entry with its score) beside X.json."""
+    entries = read_entries(path)
+    for i, e in enumerate(entries):
+        if not isinstance(e.get(key), str):
+            raise ValueError(f"{path}: entry {i} has no string {key!r}; pick the field with --key")
+    asked = [e for e in entries if e[key].strip()]  # an empty response scores 0 without asking
+    marker = STYLES["alpaca"][2]
+    prompts = [judge.judge_prompt(format_prompt(e).removesuffix(marker), e["output"], e[key]) for e in asked]
+    journal = scores_path(path) + "l"  # X-scores.jsonl: one line per score as it comes
+    answers = iter(judge.score_all(prompts, journal, model, url, timeout))
+    scores = [next(answers) if e[key].strip() else 0 for e in entries]
+    result = judge.summary(scores, model)
+    result["entries"] = [{**e, "score": s} for e, s in zip(entries, scores)]
+    write_text(scores_path(path), json.dumps(result, indent=2))
+    average = result["average"] or 0
+    print(f"Average score: {average:.2f} ({result['scored']} of {result['total']} scored)")
+    return result
+
+
+def judge_command(a):
+    judge_file(a.file, a.judge, a.key, a.url, a.timeout)
+
+
+def eval_command(a):
+    """eval: the test split's responses, saved, then scored by the judge (checked first)."""
+    model, cfg = load_run(a.out, a.device)
+    judge_problem = None
     try:
-        judge.score_file(path, a.judge)
-    except ValueError as e:
-        raise ValueError(f"{e}; the responses are saved: score them later with python judge.py {path}") from None
+        judge.preflight(a.judge, a.url)
+    except ValueError as e:  # say so now, not after the responses
+        judge_problem = str(e)
+        log(f"warning: {e}; the responses will still be generated and saved")
+    test = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)[2]
+    started = time.time()
+    responses = respond(model, test, tokenizer(), cfg.style)
+    path = os.path.join(a.out, "instruction-data-with-response.json")
+    write_text(path, json.dumps([{**e, "model_response": r} for e, r in zip(test, responses)], indent=2))
+    log(f"{len(test)} test responses in {time.time() - started:.1f}s -> {path}")
+    for e, r in list(zip(test, responses))[:3]:  # as the book shows them
+        log(f"\n{e['instruction']}\n\nCorrect response:\n>> {e['output']}\n\nModel response:\n>> {r}\n{'-' * 40}")
+    empty = sum(not r.strip() for r in responses)
+    if empty:
+        log(f"warning: {empty} of {len(responses)} responses are empty; they score 0")
+    if judge_problem:
+        raise ValueError(f"{judge_problem}; the responses are saved: score them later with python sft.py judge {path}")
+    judge_file(path, a.judge, "model_response", a.url, a.timeout)
+
 
 def log(msg):  # progress and notes go to stderr; answers to stdout
     print(msg, file=sys.stderr, flush=True)
@@ -303,7 +348,13 @@ def main(argv=None):
         kind = {"action": "store_true"} if f.default is False else {"type": type(f.default), "default": f.default}
         tr.add_argument("--" + f.name.replace("_", "-"), **kind, help=f.metadata["help"] + f" (default {f.default!r})")
     ev = sub.add_parser("eval", help="answer the test split, then score the answers with an Ollama judge")
-    ev.add_argument("--judge", default="llama3", help="Ollama model that scores (default llama3)")
+    ju = sub.add_parser("judge", help="score a responses file (the book's format) with an Ollama judge")
+    ju.add_argument("file", help="JSON list of entries with the response under --key")
+    ju.add_argument("--key", default="model_response", help="field holding the response")
+    for p in (ev, ju):
+        p.add_argument("--judge", default=judge.JUDGE, help="Ollama model that scores")
+        p.add_argument("--url", help="Ollama server (default $OLLAMA_HOST, else http://localhost:11434)")
+        p.add_argument("--timeout", type=float, default=judge.TIMEOUT, help="seconds for one whole reply")
     ge = sub.add_parser("generate", help="answer one instruction with a trained run (the answer alone on stdout)")
     ge.add_argument("instruction")
     ge.add_argument("--input", default="", help="optional input for the instruction")
@@ -315,7 +366,8 @@ def main(argv=None):
     if a.cmd == "train":
         run_cli(lambda: train(TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})))
     else:
-        run_cli(evaluate if a.cmd == "eval" else answer, a)
+        commands = {"eval": eval_command, "generate": generate_command, "judge": judge_command}
+        run_cli(commands[a.cmd], a)
 
 if __name__ == "__main__":
     main()

@@ -29,45 +29,72 @@ def serve(handler_cls):
     return f"http://127.0.0.1:{srv.server_address[1]}", srv
 
 
-def ollama(replies=("85",), stream=True, models=("llama3:latest",), status=200, error=None, stall=False):
-    """A stand-in Ollama on 127.0.0.1: answers /api/version, /api/tags and /api/chat; records chat bodies."""
+class Bodies(list):
+    """The chat bodies a stand-in Ollama received, with the paths they were posted to."""
+    def __init__(self):
+        super().__init__()
+        self.paths = []
+
+
+def ollama(replies=("85",), stream=True, models=("llama3:latest",), status=200, error=None, stall=False,
+           lines=None, tags=None, fail_from=None, endless=False, done=True):
+    """A stand-in Ollama on 127.0.0.1 (under any path prefix): /api/version, /api/tags and /api/chat.
+
+    Records each chat body (and its path in .paths). lines: raw NDJSON lines sent instead of a reply;
+    tags: a raw /api/tags body; fail_from: HTTP 500 from that chat request on (1-based); endless: a stream
+    that never ends; done=False: the stream stops before its done line."""
     import json
     import time
-    bodies = []
+    bodies = Bodies()
+    paths = bodies.paths
 
     class Ollama(http.server.BaseHTTPRequestHandler):
         def send(self, code, obj):
             self.send_response(code)
             self.end_headers()
-            self.wfile.write(json.dumps(obj).encode())
+            self.wfile.write(obj if isinstance(obj, bytes) else json.dumps(obj).encode())
+
+        def line(self, obj):
+            self.wfile.write((json.dumps(obj) + "\n").encode())
+            self.wfile.flush()
 
         def do_GET(self):
-            self.send(200, {"version": "0.9.0"} if self.path == "/api/version" else {"models": [{"name": m} for m in models]})
+            if self.path.endswith("/api/version"):
+                return self.send(200, {"version": "0.9.0"})
+            self.send(200, tags if tags is not None else {"models": [{"name": m} for m in models]})
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             bodies.append(body)
-            if status != 200:
-                return self.send(status, {"error": error})
+            paths.append(self.path)
+            failing = fail_from is not None and len(bodies) >= fail_from
+            if status != 200 or failing:
+                return self.send(500 if failing else status, {"error": error or "boom"})
             reply = replies[(len(bodies) - 1) % len(replies)]
             if not stream:
                 return self.send(200, {"message": {"role": "assistant", "content": reply}, "done": True})
             self.send_response(200)
             self.end_headers()
+            if lines is not None:
+                return self.wfile.write(b"".join(lines))
             half = len(reply) // 2
             for part in (reply[:half], reply[half:]):
-                self.wfile.write((json.dumps({"message": {"content": part}, "done": False}) + "\n").encode())
-                self.wfile.flush()
+                self.line({"message": {"content": part}, "done": False})
+            while endless:
+                self.line({"message": {"content": " and"}, "done": False})
+                time.sleep(0.05)
             if error:
-                self.wfile.write((json.dumps({"error": error}) + "\n").encode())
+                self.line({"error": error})
             if stall:
                 time.sleep(3)
-            self.wfile.write(b'{"message": {"content": ""}, "done": true}\n')
+            if done:
+                self.line({"message": {"content": ""}, "done": True})
 
         def log_message(self, *a):
             pass
     url, srv = serve(Ollama)
     return url, bodies
+
 
 from hypothesis import settings  # noqa: E402
 

@@ -56,10 +56,10 @@ def test_a_local_checkpoint_trains_writes_the_run_directory_and_evaluates(tmp_pa
     code, _, err = run(capsys, "eval", "--out", out)
     responses = json.loads((out / "instruction-data-with-response.json").read_text())
     assert len(responses) == 4 and all("model_response" in r for r in responses)
-    scores = json.loads((out / "scores.json").read_text())
-    asked = [s for s, r in zip(scores["scores"], responses) if r["model_response"].strip()]
+    scores = json.loads((out / "instruction-data-with-response-scores.json").read_text())
+    asked = [e for e in scores["entries"] if e["model_response"].strip()]
     assert len(bodies) == len(asked) and code == 0, err
-    got = [s for s in scores["scores"] if s is not None]
+    got = [e["score"] for e in scores["entries"] if e["score"] is not None]
     assert scores["average"] == pytest.approx(sum(got) / len(got)) and scores["total"] == 4
 
 
@@ -109,11 +109,13 @@ def test_eval_without_ollama_keeps_the_responses_and_says_how_to_score_later(tmp
     data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
     assert run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 1, "--batch-size", 4)[0] == 0
     monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{free_port()}")
-    code, _, _ = run(capsys, "eval", "--out", out)
+    code, _, err = run(capsys, "eval", "--out", out)
     assert isinstance(code, str) and "cannot reach Ollama" in code and "ollama serve" in code
-    assert f"python judge.py {out}/instruction-data-with-response.json" in code and "\n" not in code
+    assert f"python sft.py judge {out}/instruction-data-with-response.json" in code and "\n" not in code
+    assert err.index("warning: cannot reach Ollama") < err.index("test responses in")  # said before generating
+    assert "Correct response:\n>> " + MEMO[8][2] in err and "Model response:\n>> " in err  # the book's example print
     assert len(json.loads((out / "instruction-data-with-response.json").read_text())) == 1
-    assert not (out / "scores.json").exists()
+    assert not (out / "instruction-data-with-response-scores.json").exists()
 
 
 def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, small_data):

@@ -1,9 +1,10 @@
-"""judge.py against a stand-in Ollama on 127.0.0.1: the request, both reply forms, parsing, every failure."""
-import json, os, shutil, socket
+"""The judge against a stand-in Ollama on 127.0.0.1: the request, both reply forms, parsing, the journal, failures."""
+import json, shutil, socket, subprocess, sys, time
 
 import pytest
 
 import judge
+import sft
 from conftest import FIXTURE, ollama
 
 # The three sample judge replies of chapter 7 (abridged to their scoring sentences and first reasons).
@@ -15,14 +16,34 @@ BOOK_REPLIES = [
     "I'd rate my own response as 95 out of 100. Here's why:\n* The response accurately answers the question by naming "
     "the author of 'Pride and Prejudice' as Jane Austen.",
 ]
-ENTRY = {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.", "output": "The car is as fast as lightning."}
+ENTRY = {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
+         "output": "The car is as fast as lightning."}
 
 
-def test_request_carries_the_model_the_books_prompt_and_the_three_options():
+def responses_file(tmp_path, responses):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([{**ENTRY, "model_response": r} for r in responses]))
+    return path
+
+
+def cli(capsys, *argv):
+    """python sft.py judge ... in-process; returns (exit code, stdout, stderr)."""
+    try:
+        sft.main(["judge", *map(str, argv)])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_request_carries_the_model_the_books_prompt_and_the_options(tmp_path, capsys):
     url, bodies = ollama(replies=["85"])
-    assert judge.query(judge.judge_prompt(ENTRY, "The car is as fast as a bullet."), "llama3", url) == "85"
+    code, _, err = cli(capsys, responses_file(tmp_path, ["The car is as fast as a bullet."]), "--url", url)
+    assert code == 0, err
     [body] = bodies
-    assert body["model"] == "llama3" and body["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
+    assert body["model"] == "llama3"
+    assert body["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
     assert body["messages"] == [{"role": "user", "content": (
         "Given the input `Below is an instruction that describes a task. Write a response that appropriately completes "
         "the request.\n\n### Instruction:\nRewrite the sentence using a simile.\n\n### Input:\nThe car is very fast.` and "
@@ -36,43 +57,93 @@ def test_streamed_and_single_object_replies_both_parse(stream):
     assert judge.query("q", url=url) == "Score: 72"
 
 
-@pytest.mark.parametrize("reply,score", [("85", 85), ("Score: 85", 85), ("85/100", 85),
-                                         ("I'd rate the model response ... an 85 out of 100.", 85),
-                                         (BOOK_REPLIES[0], 85), (BOOK_REPLIES[1], 40), (BOOK_REPLIES[2], 95),
-                                         ("no number", None), ("150", None), ("-", None)])
+SCORES = [  # (reply, score): what judges answer, and the rule's reading (judge.parse_score's docstring)
+    ("85", 85), ("85.", 85), (" 100 ", 100), ("0", 0), ("72.5", 72.5), ("Score: 85", 85), ("**Score: 90**", 90),
+    ("Rating: 92", 92), ("85/100", 85), ("Score: 90/100\nThe response is correct.", 90),
+    ("I'd rate the model response ... an 85 out of 100.", 85), (BOOK_REPLIES[0], 85), (BOOK_REPLIES[1], 40),
+    (BOOK_REPLIES[2], 95), ("On a scale from 0 to 100, I would score this response 85.", 85),
+    ("Out of 100, I give it 85.", 85), ("The response has 2 errors. Score: 70", 70), ("On a 0-100 scale: 65", 65),
+    ("I'd give it a 95.", 95), ("My score is 88 (out of 100)", 88), ("60\n\nThe response lists 3 of the 4 items.", 60),
+    ("The response deserves 65 points.", 65), ("75%", 75), ("8/10", 80), ("I'd rate it 7/10", 70),
+    ("3 out of 5", 60), ("-5", None), ("Score: -5", None), ("1e3", None), ("150", None), ("no number", None),
+    ("-", None), ("Somewhere between 70 and 80.", None), ("I cannot score this response.", None), ("", None),
+]
+
+
+@pytest.mark.parametrize("reply,score", SCORES)
 def test_scores_parse_from_the_replies_judges_give(reply, score):
     assert judge.parse_score(reply) == score
 
 
-def test_ollama_host_is_read_as_host_port_or_url(monkeypatch):
+def test_ollama_host_is_read_as_host_port_ipv6_or_url_with_a_path(monkeypatch):
     monkeypatch.setenv("OLLAMA_HOST", "10.1.2.3:9999")
     assert judge.server() == "http://10.1.2.3:9999"
     monkeypatch.setenv("OLLAMA_HOST", "https://judge.example")
     assert judge.server() == "https://judge.example:11434"
+    monkeypatch.setenv("OLLAMA_HOST", "[::1]:11434")
+    assert judge.server() == "http://[::1]:11434"
+    monkeypatch.setenv("OLLAMA_HOST", "[::1]")
+    assert judge.server() == "http://[::1]:11434"
+    monkeypatch.setenv("OLLAMA_HOST", "http://gateway:8080/ollama/")
+    assert judge.server() == "http://gateway:8080/ollama"
     monkeypatch.delenv("OLLAMA_HOST")
     assert judge.server() == "http://localhost:11434"
 
 
-def scored_file(tmp_path, responses):
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps([{**ENTRY, "model_response": r} for r in responses]))
-    return str(path)
+def test_a_path_prefix_reaches_the_server_under_it():
+    url, bodies = ollama(replies=["70"])
+    assert judge.query("q", url=url + "/ollama/") == "70"
+    assert bodies.paths == ["/ollama/api/chat"]
 
 
-def cli(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        judge.main([str(a) for a in argv])
-        raise SystemExit(0)
-    return e.value.code, capsys.readouterr().err
-
-
-def test_unparseable_replies_are_counted_and_the_average_is_over_the_scored(tmp_path, capsys):
+def test_scores_sit_beside_their_entries_in_a_file_named_after_the_responses(tmp_path, capsys):
     url, bodies = ollama(replies=["80", "no idea", "60"])
-    code, err = cli(capsys, scored_file(tmp_path, ["a", "b", "c", "   "]), "--url", url)
-    scores = json.loads((tmp_path / "scores.json").read_text())
-    assert code == 0 and len(bodies) == 3  # the empty response scores 0 without asking
-    assert scores == {"judge": "llama3", "average": 140 / 3, "scored": 3, "total": 4, "scores": [80, None, 60, 0]}
-    assert "Average score: 46.67 (3 of 4 scored)" in err
+    code, out, err = cli(capsys, responses_file(tmp_path, ["a", "b", "c", "   "]), "--url", url)
+    assert code == 0 and len(bodies) == 3, err  # the empty response scores 0 without asking
+    result = json.loads((tmp_path / "r-scores.json").read_text())
+    assert {k: result[k] for k in ("judge", "average", "scored", "total")} == \
+        {"judge": "llama3", "average": 140 / 3, "scored": 3, "total": 4}
+    assert [(e["model_response"], e["score"]) for e in result["entries"]] == [("a", 80), ("b", None), ("c", 60), ("   ", 0)]
+    assert out == "Average score: 46.67 (3 of 4 scored)\n"  # the result on stdout; progress stays on stderr
+
+
+def test_two_response_files_in_one_folder_keep_their_own_scores(tmp_path, capsys):
+    url, _ = ollama(replies=["10"])
+    first = responses_file(tmp_path, ["a"])
+    second = first.rename(tmp_path / "other.json")
+    cli(capsys, second, "--url", url)
+    first = responses_file(tmp_path, ["a"])
+    url, _ = ollama(replies=["90"])
+    cli(capsys, first, "--url", url)
+    assert json.loads((tmp_path / "other-scores.json").read_text())["average"] == 10
+    assert json.loads((tmp_path / "r-scores.json").read_text())["average"] == 90
+
+
+def test_an_interrupted_run_keeps_its_scores_and_a_rerun_asks_only_the_rest(tmp_path, capsys):
+    path = responses_file(tmp_path, ["a", "b", "c", "d", "e"])
+    url, bodies = ollama(replies=["50"], fail_from=4)  # HTTP 500 at the fourth
+    code, _, _ = cli(capsys, path, "--url", url)
+    assert "HTTP 500" in code and not (tmp_path / "r-scores.json").exists()
+    assert len((tmp_path / "r-scores.jsonl").read_text().splitlines()) == 3
+    url, bodies = ollama(replies=["50"])
+    code, out, _ = cli(capsys, path, "--url", url)
+    assert code == 0 and len(bodies) == 2  # a, b and c were kept; only d and e are asked
+    assert out == "Average score: 50.00 (5 of 5 scored)\n"
+
+
+def test_a_new_response_is_asked_again_not_read_from_the_journal(tmp_path, capsys):
+    url, bodies = ollama(replies=["20"])
+    cli(capsys, responses_file(tmp_path, ["first answer"]), "--url", url)
+    url, bodies = ollama(replies=["70"])
+    code, out, _ = cli(capsys, responses_file(tmp_path, ["second answer"]), "--url", url)
+    assert len(bodies) == 1 and out == "Average score: 70.00 (1 of 1 scored)\n"
+
+
+def test_a_folder_that_cannot_hold_the_scores_fails_before_the_first_request(tmp_path, capsys):
+    url, bodies = ollama()
+    (tmp_path / "r-scores.jsonl").mkdir()  # in the journal's place: any write there fails
+    code, _, _ = cli(capsys, responses_file(tmp_path, ["a"]), "--url", url)
+    assert "cannot write" in code and "r-scores.jsonl" in code and bodies == []
 
 
 def free_port():
@@ -81,13 +152,28 @@ def free_port():
         return s.getsockname()[1]
 
 
+def lines(*objs):
+    return [o if isinstance(o, bytes) else (json.dumps(o) + "\n").encode() for o in objs]
+
+
 FAILURES = {
     "no server": (lambda: (f"http://127.0.0.1:{free_port()}", []), "cannot reach Ollama"),
     "model not pulled": (lambda: ollama(models=["mistral:latest"]), "ollama pull llama3"),
-    "404 from chat": (lambda: ollama(status=404, error='model "llama3" not found, try pulling it first'), "ollama pull llama3"),
+    "404 from chat": (lambda: ollama(status=404, error='model "llama3" not found, try pulling it first'), "ollama pull"),
     "HTTP 500": (lambda: ollama(status=500, error="out of memory"), "HTTP 500: out of memory"),
     "error inside a 200 stream": (lambda: ollama(replies=["8"], error="runner crashed"), "runner crashed"),
     "reply never ends": (lambda: ollama(stall=True), "did not finish a reply within 1.0s"),
+    "reply streams forever": (lambda: ollama(endless=True), "did not finish a reply within 1.0s"),
+    "cut off before done": (lambda: ollama(replies=["85"], done=False), "cut a reply off"),
+    "a line that is a list": (lambda: ollama(lines=lines([1, 2])), "not its chat API's JSON"),
+    "a line that is a number": (lambda: ollama(lines=lines(85)), "not its chat API's JSON"),
+    "message null": (lambda: ollama(lines=lines({"message": None, "done": False})), "without message content"),
+    "message a string": (lambda: ollama(lines=lines({"message": "85", "done": False})), "without message content"),
+    "content null": (lambda: ollama(lines=lines({"message": {"content": None}})), "without message content"),
+    "error null": (lambda: ollama(lines=lines({"error": None})), "without message content"),
+    "a 200 body that is not JSON": (lambda: ollama(lines=[b"<html>proxy login</html>"]), "not its chat API's JSON"),
+    "tags not an object": (lambda: ollama(tags=[1, 2]), "/api/tags sent no list of models"),
+    "tags not JSON": (lambda: ollama(tags=b"<html>"), "/api/tags sent no list of models"),
 }
 
 
@@ -95,14 +181,23 @@ FAILURES = {
 def test_failures_are_one_clear_line_and_a_nonzero_exit(tmp_path, capsys, case):
     start, message = FAILURES[case]
     url, _ = start()
-    code, _ = cli(capsys, scored_file(tmp_path, ["a"]), "--url", url, "--timeout", 1)
+    began = time.monotonic()
+    code, _, _ = cli(capsys, responses_file(tmp_path, ["a"]), "--url", url, "--timeout", 1)
     assert isinstance(code, str) and code.startswith("error: ") and message in code and "\n" not in code
-    assert not (tmp_path / "scores.json").exists()
+    assert "Ollama" in code and time.monotonic() - began < 5
+    assert not (tmp_path / "r-scores.json").exists()
 
 
 def test_the_books_own_110_responses_score_in_full(tmp_path, capsys):
     shutil.copy(FIXTURE.parent / "book-responses.json", tmp_path / "instruction-data-with-response.json")
     url, bodies = ollama(replies=["50", "Score: 60", "70 out of 100"])
-    code, err = cli(capsys, tmp_path / "instruction-data-with-response.json", "--url", url)
-    assert code == 0 and "(110 of 110 scored)" in err and len(bodies) == 110
-    assert json.loads((tmp_path / "scores.json").read_text())["average"] == pytest.approx(60, abs=0.5)
+    code, out, _ = cli(capsys, tmp_path / "instruction-data-with-response.json", "--url", url)
+    assert code == 0 and "(110 of 110 scored)" in out and len(bodies) == 110
+    result = json.loads((tmp_path / "instruction-data-with-response-scores.json").read_text())
+    assert result["average"] == pytest.approx(60, abs=0.5)
+
+
+def test_judge_py_is_a_leaf_that_imports_only_the_standard_library():
+    code = "import sys, judge; print(sorted(m for m in sys.modules if m in ('sft', 'gpt', 'torch', 'tiktoken')))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=FIXTURE.parents[2])
+    assert p.stdout == "[]\n", p.stderr
