@@ -1,14 +1,22 @@
 """Instruction finetuning of GPT-2: data -> prompts -> tokens -> batches -> training -> responses, and the CLI."""
-import argparse, hashlib, json, os, sys, time, urllib.parse
+import argparse, hashlib, json, math, os, shutil, sys, time, urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 
+try:
+    import fcntl  # advisory file locks (Linux, macOS)
+except ImportError:  # Windows: one training per --out is then up to you
+    fcntl = None
+
 import judge
-from gpt import GPT, GPTConfig, add_lora, cache_dir, download, from_pretrained, generate, merge_lora
-from gpt import save_pretrained, write_text
-import torch
-import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
-import tiktoken
+try:  # torch takes seconds to import: Ctrl-C meanwhile is one line too
+    from gpt import GPT, GPTConfig, add_lora, cache_dir, download, from_pretrained, generate, merge_lora
+    from gpt import save_pretrained, write_text
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.utils.rnn import pad_sequence
+    import tiktoken
+except KeyboardInterrupt:
+    sys.exit("interrupted")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data", "instruction-data.json")  # the book's 1,100 entries, shipped (Apache-2.0)
@@ -121,39 +129,63 @@ def opt(default, help):
 class TrainConfig:
     model: str = opt("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a local folder, or tiny (random, no download)")
     data: str = opt(DATA, "instruction data: a JSON/JSONL path or URL (default: the book's, shipped in data/)")
-    out: str = opt("", "run directory (default runs/<model name>)")
-    style: str = opt("alpaca", "prompt style: " + " or ".join(STYLES) + " (exercise 7.1)")
+    out: str = opt(None, "run directory (default: runs/<model name>)")
+    style: str = opt("alpaca", "prompt style (exercise 7.1)")
     mask_prompt: bool = opt(False, "no loss on the prompt tokens (exercise 7.2)")
     epochs: int = opt(2, "passes over the training split")
     batch_size: int = opt(8, "rows per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step, token-weighted (exercise 7.3)")
-    lr: float = opt(0.0, "AdamW learning rate (default: the book's 5e-5; 1e-3 for tiny, which starts from random weights)")
+    lr: float = opt(None, "AdamW learning rate (default: the book's 5e-5; 1e-3 for tiny, which starts from random)")
     weight_decay: float = opt(0.1, "AdamW weight decay")
-    max_length: int = opt(1024, "truncate rows to this many tokens")
+    max_length: int = opt(1024, "truncate rows to this many tokens (and to the model's context)")
     lora_rank: int = opt(0, "train low-rank adapters of this rank instead of all weights (exercise 7.4; 0: off)")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: updates are (alpha / rank) * B A")
     eval_every: int = opt(5, "optimizer steps between loss reports")
     limit: int = opt(0, "keep only the first N entries before the split (0: all)")
     seed: int = opt(123, "seed for the shuffling and the tiny model")
     device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, mps")
-    compile: bool = opt(False, "torch.compile the model for the training steps (faster on a GPU, after a warm-up)")
 
     def __post_init__(self):
-        self.lr = self.lr or (1e-3 if self.model == "tiny" else 5e-5)
+        if self.lr is None:
+            self.lr = 1e-3 if self.model == "tiny" else 5e-5
+        if self.out is None:
+            self.out = os.path.join("runs", os.path.basename(self.model.rstrip("/")))
+        for f in fields(self):  # argparse gives the right types; a hand-edited run.json may not
+            value = getattr(self, f.name)
+            kinds = (int, float) if f.type is float else (f.type,)
+            if type(value) not in kinds:
+                raise ValueError(f"{f.name} must be of type {f.type.__name__}, not {value!r}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_every", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
-        if min(self.weight_decay, self.limit, self.lora_rank) < 0 or self.style not in STYLES:
-            raise ValueError(f"--weight-decay, --limit and --lora-rank cannot be negative; --style is one of {', '.join(STYLES)}")
-        self.out = self.out or os.path.join("runs", os.path.basename(self.model.rstrip("/")))
-        self.data, self.model = (os.path.abspath(p) if os.path.exists(p) else p for p in (self.data, self.model))  # eval runs anywhere
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(self, name)}")
+        for name in ("weight_decay", "limit", "lora_rank", "lora_alpha"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, not {getattr(self, name)}")
+        if self.style not in STYLES:
+            raise ValueError(f"--style {self.style}: not one of {', '.join(STYLES)}")
+        for name in ("data", "model"):  # absolute, so eval and generate work from any folder
+            if os.path.exists(getattr(self, name)):
+                setattr(self, name, os.path.abspath(getattr(self, name)))
+
 
 def pick_device(name: str) -> torch.device:
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls where there is a GPU
-    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if (name := auto if name == "auto" else name).split(":")[0] not in (auto, "cpu"):
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls where there is a GPU
+    torch.backends.cudnn.allow_tf32 = True
+    auto = "cpu"
+    if torch.cuda.is_available():
+        auto = "cuda"
+    elif torch.backends.mps.is_available():
+        auto = "mps"
+    if name == "auto":
+        name = auto
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device name; use auto (which picks {auto}) or cpu") from None
+    if device.type not in (auto, "cpu"):
         raise ValueError(f"--device {name} is not available here; use auto (which picks {auto}) or cpu")
-    return torch.device(name)
+    return device
+
 
 def load_model(name: str, seed: int = 0) -> GPT:
     """tiny: a random small GPT-2 with the GPT-2 vocabulary (7M parameters); anything else: from_pretrained."""
@@ -165,74 +197,177 @@ def load_model(name: str, seed: int = 0) -> GPT:
 
 def loss_sum(model, inputs, targets, device):
     """Cross-entropy summed over the non-ignored targets (divide by their count for the token-weighted mean)."""
-    inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    inputs = inputs.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(inputs)
+        logits = model(inputs)  # (B, T, vocab)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
-def backward(model, micro, device):
-    """Gradients of the token-weighted mean loss over micro-batches [(inputs, targets)]: the same as one batch of all."""
-    total, losses = max(sum(int((t != IGNORE).sum()) for _, t in micro), 1), []  # counted on the CPU: no device sync
-    for x, y in micro:
-        losses.append(loss_sum(model, x, y, device))
-        (losses[-1] / total).backward()
-    return sum(losses).detach(), total
+
+def loss_and_backward(model, micro_batches, device):
+    """Gradients of the token-weighted mean loss over [(inputs, targets)]: the same as one batch of them all."""
+    count = sum(int((t != IGNORE).sum()) for _, t in micro_batches)  # counted on the CPU: no device sync
+    count = max(count, 1)
+    losses = []
+    for inputs, targets in micro_batches:
+        losses.append(loss_sum(model, inputs, targets, device))
+        (losses[-1] / count).backward()  # each part divided by the whole count, not its own
+    return sum(losses).detach(), count
+
+
+def batches(rows, cfg: TrainConfig) -> list:
+    """rows -> [(inputs, targets)] in batches of cfg.batch_size, with the run's truncation and masking."""
+    out = []
+    for i in range(0, len(rows), cfg.batch_size):
+        out.append(collate(rows[i:i + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt))
+    return out
+
 
 @torch.no_grad()
 def mean_loss(model, rows, cfg, device) -> float:
-    batches = [collate(rows[i:i + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt) for i in range(0, len(rows), cfg.batch_size)]
-    count = max(sum(int((y != IGNORE).sum()) for _, y in batches), 1)
-    return sum(loss_sum(model, x, y, device).item() for x, y in batches) / count
+    """The token-weighted mean loss over rows (not a mean of batch means)."""
+    parts = batches(rows, cfg)
+    count = max(sum(int((y != IGNORE).sum()) for _, y in parts), 1)
+    return sum(loss_sum(model, x, y, device).item() for x, y in parts) / count
+
+
+def target_rows(rows, cfg: TrainConfig) -> int:
+    """How many rows keep at least one target after truncation (and prompt masking)."""
+    first_target = 0
+    kept = 0
+    for ids, prompt_len in rows:
+        if cfg.mask_prompt:
+            first_target = prompt_len - 1  # the column that predicts the first response token
+        kept += first_target < min(len(ids), cfg.max_length)
+    return kept
+
+
+def claim_out(out: str):
+    """Check --out can be written and lock it (a second training into it is refused); returns the lock's file."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a run folder; pick another --out")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        lock = open(f"{out}.lock", "w")  # beside the folder, which save_run swaps
+    except OSError as e:
+        raise ValueError(f"cannot write the run folder {out} ({e.strerror or e}); pick another --out") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
+        except OSError:
+            raise ValueError(f"another training is writing {out}; wait for it, or pick another --out") from None
+    return lock
+
+
+def save_run(model, cfg: TrainConfig, metrics: list):
+    """Write the whole run into a new folder, then swap it in: --out never mixes two runs' files."""
+    staging = cfg.out + ".saving"
+    old = cfg.out + ".old"
+    for leftover in (staging, old):  # from a save that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    save_pretrained(model, staging)
+    write_text(os.path.join(staging, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
+    write_text(os.path.join(staging, "loss.svg"), loss_svg(metrics))
+    write_text(os.path.join(staging, RUN_FILE), json.dumps(asdict(cfg), indent=2))
+    if os.path.exists(cfg.out):
+        os.rename(cfg.out, old)  # the previous run, responses and scores included, goes as a whole
+    os.rename(staging, cfg.out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_rows(cfg: TrainConfig, model, enc):
+    """The train and validation rows, checked: a step takes rows_per_step rows, and every split keeps targets."""
+    train_e, val_e, test_e = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)
+    cfg.max_length = min(cfg.max_length, model.config.n_positions)  # the position table ends there
+    train_rows = tokenize(train_e, enc, cfg.style)
+    val_rows = tokenize(val_e, enc, cfg.style)
+    cut = sum(len(ids) > cfg.max_length for ids, _ in train_rows + val_rows)
+    log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
+        f"{cut} cut to --max-length {cfg.max_length}")
+    for name, rows in (("training", train_rows), ("validation", val_rows)):
+        if target_rows(rows, cfg) == 0:
+            raise ValueError(f"no {name} row keeps a response token within --max-length {cfg.max_length} "
+                             "(--mask-prompt masks the prompts); raise --max-length")
+    if len(train_rows) < cfg.batch_size * cfg.grad_accum:
+        raise ValueError(f"--batch-size x --grad-accum = {cfg.batch_size * cfg.grad_accum} is more than "
+                         f"the {len(train_rows)} training entries")
+    return train_rows, val_rows, val_e
+
 
 def train(cfg: TrainConfig):
-    train_e, val_e, test_e = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)
-    enc, device = tokenizer(), pick_device(cfg.device)
+    lock = claim_out(cfg.out)  # before any work: an unwritable --out must not cost a training
+    enc = tokenizer()
+    device = pick_device(cfg.device)
     model = load_model(cfg.model, cfg.seed).to(device)
-    cfg.max_length = min(cfg.max_length, model.config.n_positions)
-    train_rows, val_rows = tokenize(train_e, enc, cfg.style), tokenize(val_e, enc, cfg.style)
-    rows_per_step = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = len(train_rows) // rows_per_step  # shuffled, the last partial batch dropped (as the book)
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size x --grad-accum = {rows_per_step} is more than the {len(train_rows)} training entries")
-    cut = sum(len(ids) > cfg.max_length for ids, _ in train_rows + val_rows)
-    log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; {cut} cut to --max-length {cfg.max_length}")
-    model = add_lora(model, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else model
+    train_rows, val_rows, val_e = prepare_rows(cfg, model, enc)
+    if cfg.lora_rank:
+        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
-    log(f"model: {cfg.model} on {device}, {sum(p.numel() for p in params):,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
-    steps, g, compiled = steps_per_epoch * cfg.epochs, torch.Generator().manual_seed(cfg.seed), torch.compile(model) if cfg.compile else model
-    window = -(-len(val_rows) * cfg.eval_every // steps_per_epoch)  # validation rows per report, rounded up
-    metrics = [dict(step=0, epoch=0, tokens=0, train_loss=mean_loss(model, train_rows[:cfg.batch_size], cfg, device),
-                    val_loss=mean_loss(model, val_rows, cfg, device), seconds=0.0)]
-    log(f"initial loss: train {metrics[0]['train_loss']:.3f}, validation {metrics[0]['val_loss']:.3f}")
-    run_loss, run_n, tokens, t0 = torch.zeros((), device=device), 0, 0, time.time()
+    total = sum(p.numel() for p in model.parameters())
+    log(f"model: {cfg.model} on {device}, {sum(p.numel() for p in params):,} trainable of {total:,} parameters")
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+    def sample(epoch):  # as the book: one validation answer after each epoch
+        answer = respond(model, val_e[:1], enc, cfg.style, 50)[0]
+        log(f"epoch {epoch} sample response to {val_e[0]['instruction']!r}: {answer!r}")
+    metrics = run_steps(model, optimizer, train_rows, val_rows, cfg, device, sample)
+    save_run(merge_lora(model), cfg, metrics)  # adapters folded in: the run is a plain GPT-2 checkpoint
+    lock.close()
+
+
+def run_steps(model, optimizer, train_rows, val_rows, cfg: TrainConfig, device, at_epoch_end) -> list:
+    """The training loop: shuffled batches (the last partial one dropped, as the book), reports every eval_every."""
+    rows_per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = len(train_rows) // rows_per_step
+    steps = steps_per_epoch * cfg.epochs
+    # each report measures the same validation rows; one epoch's reports cost one pass over the set
+    reports_per_epoch = max(steps_per_epoch // cfg.eval_every, 1)
+    subset = val_rows[:math.ceil(len(val_rows) / reports_per_epoch)]
+    log(f"training: lr {cfg.lr:g}, effective batch {rows_per_step} ({cfg.batch_size} x {cfg.grad_accum}), "
+        f"{steps} steps; validation: all {len(val_rows)} rows at the start and end, "
+        f"the first {len(subset)} at each report" + ("; losses cover the responses only" if cfg.mask_prompt else ""))
+    first = dict(step=0, epoch=0, tokens=0, train_loss=mean_loss(model, train_rows[:cfg.batch_size], cfg, device),
+                 val_loss=mean_loss(model, val_rows, cfg, device), seconds=0.0)
+    metrics = [first]
+    log(f"initial loss: train {first['train_loss']:.3f}, validation {first['val_loss']:.3f} (all rows)")
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    running_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
+    running_count = 0
+    tokens = 0
+    started = time.time()
     for step in range(1, steps + 1):
-        epoch, i = divmod(step - 1, steps_per_epoch)
+        epoch = (step - 1) // steps_per_epoch + 1
+        i = (step - 1) % steps_per_epoch
         if i == 0:
-            order = torch.randperm(len(train_rows), generator=g).tolist()
+            order = torch.randperm(len(train_rows), generator=shuffle).tolist()
         batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
-        loss, n = backward(compiled, [collate(batch[k:k + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
-                                        for k in range(0, rows_per_step, cfg.batch_size)], device)
+        micro = [collate(batch[k:k + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
+                 for k in range(0, rows_per_step, cfg.batch_size)]
+        loss, count = loss_and_backward(model, micro, device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        run_loss, run_n = run_loss + loss, run_n + n  # summed on the device: no sync per step
+        running_loss += loss
+        running_count += count
         tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
         if step % cfg.eval_every == 0 or step == steps:
-            # train loss: the steps since the last report; validation: the next `window` rows (all of them at the end)
-            k = (step // cfg.eval_every * window) % len(val_rows)
-            secs = time.time() - t0
-            metrics.append(dict(step=step, epoch=epoch + 1, tokens=tokens, train_loss=run_loss.item() / max(run_n, 1), seconds=round(secs, 2),
-                                val_loss=mean_loss(model, val_rows if step == steps else (val_rows[k:] + val_rows[:k])[:window], cfg, device)))
-            run_loss, run_n = run_loss * 0, 0
-            log(f"epoch {epoch + 1} step {step}/{steps}: train {metrics[-1]['train_loss']:.3f}, validation {metrics[-1]['val_loss']:.3f}, "
-                f"{tokens / secs:,.0f} tokens/s, {secs:.0f}s elapsed, {secs * (steps - step) / step:.0f}s to go")
+            rows = val_rows if step == steps else subset
+            seconds = time.time() - started
+            train_loss = running_loss.item() / running_count
+            metrics.append(dict(step=step, epoch=epoch, tokens=tokens, train_loss=train_loss,
+                                val_loss=mean_loss(model, rows, cfg, device), seconds=round(seconds, 2)))
+            if not math.isfinite(train_loss):
+                raise ValueError(f"training diverged (train loss {train_loss} at step {step}); lower --lr")
+            running_loss.zero_()
+            running_count = 0
+            log(f"epoch {epoch} step {step}/{steps}: train {train_loss:.3f}, validation {metrics[-1]['val_loss']:.3f} "
+                f"({len(rows)} rows), {tokens / seconds:,.0f} tokens/s, {seconds:.0f}s elapsed, "
+                f"{seconds * (steps - step) / step:.0f}s to go")
         if i == steps_per_epoch - 1:
-            log(f"epoch {epoch + 1} sample response to {val_e[0]['instruction']!r}: {respond(model, val_e[:1], enc, cfg.style, 50)[0]!r}")
-    log(f"trained {steps} steps in {time.time() - t0:.1f}s; validation loss {metrics[-1]['val_loss']:.3f}")
-    save_pretrained(merge_lora(model), cfg.out)  # adapters folded in: the run is a plain GPT-2 checkpoint
-    write_text(os.path.join(cfg.out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
-    write_text(os.path.join(cfg.out, "loss.svg"), loss_svg(metrics))
-    write_text(os.path.join(cfg.out, RUN_FILE), json.dumps(asdict(cfg), indent=2))
+            at_epoch_end(epoch)
+    log(f"trained {steps} steps in {time.time() - started:.1f}s; validation loss {metrics[-1]['val_loss']:.3f}")
+    return metrics
+
 
 def loss_svg(metrics, w=640, h=400, pad=50) -> str:
     """Train and validation loss against steps, as a hand-written SVG line chart."""
@@ -258,15 +393,27 @@ def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=
 
 def load_run(out: str, device: str):
     """The trained model and the settings of a run directory written by train."""
+    path = os.path.join(out, RUN_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{out}: holds no trained run (no {RUN_FILE}); train one with python sft.py train --out {out}")
+    with open(path, encoding="utf-8") as f:
+        settings = _loads(f.read(), path)
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: not a JSON object of training settings")
+    unknown = settings.keys() - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"{path}: unknown setting {sorted(unknown)[0]!r}")
     try:
-        with open(os.path.join(out, RUN_FILE)) as f:
-            cfg = TrainConfig(**json.load(f))
-    except (OSError, ValueError, TypeError):
-        raise ValueError(f"{out}: holds no trained run (no readable {RUN_FILE}); train one with python sft.py train --out {out}") from None
+        cfg = TrainConfig(**settings)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return load_model(out).to(pick_device(device)), cfg
+
 
 def generate_command(a):
     """generate: the response alone on stdout, so it composes in pipes."""
+    if a.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, not {a.max_new_tokens}")
     model, cfg = load_run(a.out, a.device)
     entry = {"instruction": a.instruction, "input": a.input}
     print(respond(model, [entry], tokenizer(), cfg.style, a.max_new_tokens)[0])
@@ -336,6 +483,12 @@ def run_cli(fn, *args):
         fn(*args)
     except (ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message held
+    except torch.OutOfMemoryError:
+        sys.exit("error: out of memory: lower --batch-size (raise --grad-accum to keep the effective batch)")
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):  # the CPU allocator's out-of-memory
+            raise
+        sys.exit("error: out of memory: lower --batch-size (raise --grad-accum to keep the effective batch)")
     except KeyboardInterrupt:
         sys.exit("interrupted: the files written so far are whole; nothing half-written was left")
 
@@ -345,8 +498,15 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="finetune a model and write the run directory")
     for f in fields(TrainConfig):  # one flag per field: --batch-size fills batch_size
-        kind = {"action": "store_true"} if f.default is False else {"type": type(f.default), "default": f.default}
-        tr.add_argument("--" + f.name.replace("_", "-"), **kind, help=f.metadata["help"] + f" (default {f.default!r})")
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"]
+        if f.type is bool:
+            tr.add_argument(flag, action="store_true", help=text)
+            continue
+        if f.default is not None and "default" not in text:
+            text += f" (default {f.default})"
+        choices = list(STYLES) if f.name == "style" else None
+        tr.add_argument(flag, type=f.type, default=f.default, choices=choices, help=text)
     ev = sub.add_parser("eval", help="answer the test split, then score the answers with an Ollama judge")
     ju = sub.add_parser("judge", help="score a responses file (the book's format) with an Ollama judge")
     ju.add_argument("file", help="JSON list of entries with the response under --key")
@@ -358,7 +518,7 @@ def main(argv=None):
     ge = sub.add_parser("generate", help="answer one instruction with a trained run (the answer alone on stdout)")
     ge.add_argument("instruction")
     ge.add_argument("--input", default="", help="optional input for the instruction")
-    ge.add_argument("--max-new-tokens", type=int, default=256)
+    ge.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     for p in (ev, ge):
         p.add_argument("--out", default="runs/gpt2-medium", help="run directory written by train (default runs/gpt2-medium)")
         p.add_argument("--device", default="auto")

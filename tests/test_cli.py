@@ -2,6 +2,7 @@
 import json, os, subprocess, sys, xml.etree.ElementTree as ET
 
 import pytest
+import torch
 
 import gpt
 import sft
@@ -30,13 +31,16 @@ def run(capsys, *argv):
 
 
 def test_tiny_model_memorises_a_handful_of_entries_and_stops_by_itself(tmp_path, capsys):
+    """Also exercises 7.1 and 7.2: the phi3 style and prompt masking are kept with the run and used by generate."""
     data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
     code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 50,
-                       "--batch-size", 2, "--lr", 2e-3, "--mask-prompt", "--eval-every", 1000)
+                       "--batch-size", 2, "--lr", 2e-3, "--style", "phi3", "--mask-prompt", "--eval-every", 1000)
     assert code == 0, err
+    settings = json.loads((out / "run.json").read_text())
+    assert settings["style"] == "phi3" and settings["mask_prompt"] is True
     for instruction, given, answer in MEMO[:8]:  # the training split: the first 8 of 10
         code, stdout, _ = run(capsys, "generate", "--out", out, instruction, "--input", given, "--max-new-tokens", 30)
-        assert (code, stdout) == (0, answer + "\n")  # verbatim, and it stopped well before 30 tokens
+        assert (code, stdout) == (0, answer + "\n")  # verbatim through the phi3 prompt, and it stopped by itself
 
 
 def test_a_local_checkpoint_trains_writes_the_run_directory_and_evaluates(tmp_path, capsys, monkeypatch):
@@ -74,9 +78,17 @@ ERRORS = {
     "too few entries": (["train", "--model", "tiny", "--data", "{data}", "--limit", "9"], "too few to split"),
     "unknown local model": (["train", "--model", "./no/such/model", "--data", "{data}"], "no such folder"),
     "vocabulary too small": (["train", "--model", str(FIXTURE), "--data", "{data}"], "has 512 tokens; the GPT-2 tokenizer needs 50257"),
-    "negative epochs": (["train", "--model", "tiny", "--data", "{data}", "--epochs", "-1"], "--epochs must be positive"),
-    "zero batch size": (["train", "--model", "tiny", "--data", "{data}", "--batch-size", "0"], "--batch-size must be positive"),
-    "unavailable device": (["train", "--model", "tiny", "--data", "{data}", "--device", "tpu"], "--device tpu is not available here"),
+    "negative epochs": (["train", "--model", "tiny", "--data", "{data}", "--epochs", "-1"], "--epochs must be a positive number"),
+    "zero batch size": (["train", "--model", "tiny", "--data", "{data}", "--batch-size", "0"], "--batch-size must be a positive number"),
+    "unavailable device": (["train", "--model", "tiny", "--data", "{data}", "--device", "tpu"], "--device tpu is not a device name"),
+    "zero learning rate": (["train", "--model", "tiny", "--data", "{data}", "--lr", "0"], "--lr must be a positive number"),
+    "infinite learning rate": (["train", "--model", "tiny", "--data", "{data}", "--lr", "inf"], "--lr must be a positive"),
+    "NaN LoRA alpha": (["train", "--model", "tiny", "--data", "{data}", "--lora-alpha", "nan"], "--lora-alpha must be"),
+    "malformed device": (["train", "--model", "tiny", "--data", "{data}", "--device", "cpu:abc"], "not a device name"),
+    "nested data": (["train", "--model", "tiny", "--data", "{tmp}/deep.json"], "deep.json: the JSON is nested too deeply"),
+    "every prompt masked away": (["train", "--model", "tiny", "--data", "{data}", "--mask-prompt", "--max-length", "20"],
+                                 "no training row keeps a response token within --max-length 20"),
+    "no answer tokens": (["generate", "--out", "{tmp}", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     "eval of an empty folder": (["eval", "--out", "{tmp}"], "holds no trained run"),
     "generate of an empty folder": (["generate", "--out", "{tmp}", "hi"], "holds no trained run"),
 }
@@ -86,6 +98,7 @@ ERRORS = {
 def test_user_errors_are_one_line_and_a_nonzero_exit(tmp_path, capsys, small_data, case):
     argv, message = ERRORS[case]
     (tmp_path / "bad.json").write_text("[{")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     argv = [a.format(tmp=tmp_path, data=small_data) for a in argv] + (["--out", str(tmp_path / "run")] if argv[0] == "train" else [])
     code, out, err = run(capsys, *argv)
     assert isinstance(code, str) and code.startswith("error: ") and message in code and "\n" not in code
@@ -143,7 +156,8 @@ def test_ctrl_c_during_training_exits_with_one_line_and_no_files(tmp_path, small
 def fake_run(tmp_path, entries, **settings):
     """A run folder without training: the tiny model's random weights and a run.json pointing at the data."""
     out = tmp_path / "run"
-    gpt.save_pretrained(sft.load_model("tiny", seed=1), out)
+    torch.manual_seed(1)
+    gpt.save_pretrained(gpt.GPT(gpt.GPTConfig(n_positions=320, n_embd=32, n_layer=2, n_head=4)), out)  # small: fast
     cfg = sft.TrainConfig(model="tiny", data=write_data(tmp_path / "d.json", entries), out=str(out), **settings)
     (out / "run.json").write_text(json.dumps(sft.asdict(cfg)))
     return out
@@ -161,12 +175,10 @@ def test_responses_come_back_in_the_entries_order_not_the_length_order(tmp_path,
     assert len(set(alone)) == 3  # distinct answers, so a mix-up would show
     assert sft.respond(model, entries, sft.tokenizer(), max_new_tokens=8) == alone
     monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{free_port()}")
-    run(capsys, "eval", "--out", out)  # no judge: the responses are still written
+    run(capsys, "eval", "--out", out)  # no judge: the responses (256 tokens each) are still written
     saved = json.loads((out / "instruction-data-with-response.json").read_text())
     assert [r["instruction"] for r in saved] == [e["instruction"] for e in entries]
-    for r in saved:
-        code, stdout, _ = run(capsys, "generate", "--out", out, r["instruction"])
-        assert stdout == r["model_response"] + "\n"
+    assert all(r["model_response"].startswith(a) for r, a in zip(saved, alone))  # each begins as its own answer
 
 
 def test_training_caps_max_length_at_a_short_model_context(tmp_path, capsys):
@@ -178,3 +190,78 @@ def test_training_caps_max_length_at_a_short_model_context(tmp_path, capsys):
     assert "9 cut to --max-length 24" in err  # the train and validation rows
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["val_loss"] > 0 for m in metrics)
+
+
+@pytest.mark.parametrize("edit,message", [({"epochs": "2"}, "run.json: epochs must be of type int, not '2'"),
+                                          ({"lr": "fast"}, "run.json: lr must be of type float"),
+                                          ({"colour": "red"}, "run.json: unknown setting 'colour'"),
+                                          ({"style": "chatml"}, "run.json: --style chatml: not one of alpaca, phi3")])
+def test_a_hand_edited_run_json_names_the_setting_that_is_wrong(tmp_path, capsys, edit, message):
+    out = fake_run(tmp_path, MEMO)
+    settings = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**settings, **edit}))
+    code, _, _ = run(capsys, "generate", "--out", out, "hi")
+    assert isinstance(code, str) and message in code and "holds no trained run" not in code
+
+
+def test_a_bad_style_is_its_own_argparse_error(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--model", "tiny", "--style", "chatml", "--out", tmp_path / "run")
+    assert code == 2 and "--style: invalid choice: 'chatml' (choose from alpaca, phi3)" in err.replace("'alpaca', 'phi3'", "alpaca, phi3")
+
+
+def test_an_unwritable_out_is_found_before_training(tmp_path, capsys, small_data):
+    (tmp_path / "taken").write_text("a file where the run folder would go")
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", tmp_path / "taken")
+    assert isinstance(code, str) and "is a file" in code and "initial loss" not in err
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", tmp_path / "taken" / "run")
+    assert isinstance(code, str) and "cannot write the run folder" in code and "initial loss" not in err
+
+
+def test_a_second_training_into_the_same_out_is_refused(tmp_path, capsys, small_data):
+    import fcntl
+    out = tmp_path / "run"
+    with open(f"{out}.lock", "w") as held:  # as a training in another process holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, _, err = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", out)
+    assert isinstance(code, str) and "another training is writing" in code and not out.exists()
+
+
+def test_retraining_replaces_the_run_folder_as_a_whole(tmp_path, capsys, small_data):
+    out = tmp_path / "run"
+    old_umask = os.umask(0o027)
+    try:
+        assert run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", out, "--epochs", 1)[0] == 0
+        (out / "instruction-data-with-response.json").write_text("[]")  # the first run's responses
+        assert run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", out, "--epochs", 1,
+                   "--style", "phi3")[0] == 0
+    finally:
+        os.umask(old_umask)
+    assert json.loads((out / "run.json").read_text())["style"] == "phi3"
+    assert sorted(os.listdir(out)) == ["config.json", "loss.svg", "metrics.jsonl", "model.safetensors", "run.json"]
+    assert sorted(os.listdir(tmp_path)) == ["d.json", "run", "run.lock"]  # no staging or old folder left
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o640  # the umask is honoured
+
+
+def test_out_of_memory_is_one_line_with_the_fix(tmp_path, capsys, small_data, monkeypatch):
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(sft, "loss_and_backward", no_memory)
+    code, _, _ = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", tmp_path / "run")
+    assert code == "error: out of memory: lower --batch-size (raise --grad-accum to keep the effective batch)"
+
+
+def test_a_diverging_run_stops_without_writing_nan(tmp_path, capsys, small_data):
+    code, _, _ = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", tmp_path / "run",
+                     "--lr", "1e30", "--eval-every", 1)
+    assert isinstance(code, str) and "training diverged" in code and not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_while_torch_is_importing_is_one_line(tmp_path):
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "sft.py", "train", "--model", "tiny", "--out", str(tmp_path / "run")],
+                         stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(sft.__file__))
+    time.sleep(0.3)  # torch takes a second or more to import
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode != 0 and "Traceback" not in err
