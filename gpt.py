@@ -193,8 +193,9 @@ def read_safetensors(path) -> dict:
 
 
 def _atomic_write(path, write, check=None):
-    """write(f) into path.tmp, fsync, check(tmp), then rename over path: no reader sees a half or bad file."""
-    tmp = f"{path}.tmp"  # one fixed name: a killed write is overwritten by the next, never piles up
+    """write(f) into a temp file, fsync, check(temp), then rename over path: no reader sees a half or bad file."""
+    root, extension = os.path.splitext(path)
+    tmp = f"{root}.tmp{extension}"  # one fixed name, so a killed write is overwritten by the next, never piles up
     try:
         with open(tmp, "wb") as f:  # a new file's mode follows the umask
             write(f)

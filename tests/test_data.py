@@ -176,3 +176,48 @@ def test_data_from_a_url_is_downloaded_once_then_read_from_the_cache():
     assert hits == ["/ch07/instruction-data.json"]
     with pytest.raises(ValueError, match=r"missing\.json: not found; check the URL"):
         sft.load_entries(url + "/missing.json")
+
+
+def serve_files(files):
+    """A loopback server of {path: bytes}, recording the paths asked for."""
+    import http.server
+    from conftest import serve
+    hits = []
+
+    class Files(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            body = files.get(self.path)
+            self.send_response(404 if body is None else 200)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *a):
+            pass
+    return serve(Files)[0], hits
+
+
+LINES = '{"instruction": "Say\u2028hi\u0085there", "output": "ok"}\n{"instruction": "b", "output": "c"}\n'
+
+
+def test_jsonl_splits_on_newlines_only_not_inside_strings(tmp_path):
+    (tmp_path / "d.jsonl").write_text(LINES, encoding="utf-8")
+    entries = sft.load_entries(str(tmp_path / "d.jsonl"))
+    assert [e["instruction"] for e in entries] == ["Say\u2028hi\u0085there", "b"]
+
+
+def test_a_jsonl_url_with_a_query_is_read_as_jsonl_and_a_long_name_is_cached_under_a_short_one():
+    long_name = "/" + "x" * 300 + ".json"
+    url, hits = serve_files({"/d.jsonl?raw=true": LINES.encode(), long_name: b'[{"instruction": "a", "output": "b"}]'})
+    assert len(sft.load_entries(url + "/d.jsonl?raw=true")) == 2
+    assert sft.load_entries(url + long_name) == [{"instruction": "a", "output": "b"}]
+    cached = os.listdir(os.path.join(os.environ["XDG_CACHE_HOME"], "gpt2-sft", "data"))
+    assert len(cached) == 2 and all(len(name) < 30 for name in cached)
+
+
+def test_a_url_that_serves_something_else_is_not_cached():
+    url, hits = serve_files({"/d.json": b"<html>rate limited</html>"})
+    with pytest.raises(ValueError, match="sent something else than the file .*malformed JSON"):
+        sft.load_entries(url + "/d.json")
+    url, hits = serve_files({"/d.json": b'[{"instruction": "a", "output": "b"}]'})  # healthy again: fetched anew
+    assert len(sft.load_entries(url + "/d.json")) == 1 and hits == ["/d.json"]

@@ -293,7 +293,7 @@ def test_a_spoiled_cache_file_is_named_with_how_to_fetch_it_again(monkeypatch):
 def test_a_leftover_temp_file_is_reused_not_piled_up(monkeypatch):
     folder = gpt.cache_dir("o", "m")
     os.makedirs(folder)
-    (Path(folder) / "model.safetensors.tmp").write_bytes(b"from a download killed with SIGKILL")
+    (Path(folder) / "model.tmp.safetensors").write_bytes(b"from a download killed with SIGKILL")
     url = raw_server({"/o/m/resolve/main/config.json": ok(CONFIG), "/o/m/resolve/main/model.safetensors": ok(WEIGHTS)})
     monkeypatch.setenv("HF_ENDPOINT", url)
     gpt.from_pretrained("o/m")
