@@ -116,11 +116,17 @@ def _is_count(x) -> bool:
     return type(x) is int and 0 <= x < 2**63
 
 
+def _not_json(word):
+    raise ValueError(f"{word} is not a JSON value")
+
+
 def _tensor_entries(header) -> list:
     """The header's tensors as [(begin, end, name, dtype, shape)], each field checked; sorted by offset."""
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
-    metadata = header.pop("__metadata__", {})
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # absent, or null as the reference library allows
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError("__metadata__ is not an object of strings")
     entries = []
@@ -169,10 +175,8 @@ def read_safetensors(path) -> dict:
             if 8 + n > size:
                 raise ValueError(f"a header of {n} bytes runs past the end of the {size}-byte file")
             text = f.read(n).decode("utf-8")
-            if not text.startswith("{"):
-                raise ValueError("the header does not start with {")
             try:
-                header = json.loads(text)
+                header = json.loads(text, parse_constant=_not_json)  # NaN and Infinity are not JSON
             except json.JSONDecodeError as e:
                 raise ValueError(f"the header is not JSON ({e})") from None
             entries = _tensor_entries(header)
