@@ -121,16 +121,9 @@ def test_the_tokenizer_works_offline_from_the_shipped_files(tmp_path):
     assert p.stdout == "[15496, 995, 50256]\n", p.stderr  # GPT-2's ids, as the book shows for "Hello world"
 
 
-def test_jsonl_files_load_like_json_lists(tmp_path):
-    entries = [{"instruction": "a", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}]
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(e) for e in entries) + "\n\n")
-    assert sft.load_entries(str(tmp_path / "d.jsonl")) == entries
-
-
 BAD = {
-    "missing file": (None, r"nope\.json: cannot read the data"),
+    "missing file": (None, r"nope\.json: cannot read \(No such file"),
     "malformed JSON": ('[{"instruction": "a",\n "output": }]', r"malformed JSON at line 2, column 12"),
-    "malformed JSONL line": ('{"instruction": "a", "output": "b"}\n{oops}', r"malformed JSON at line 2, column 2"),
     "not a list": ('{"instruction": "a", "output": "b"}', r"expected a JSON list of entries, found a dict"),
     "entry without output": ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', r"entry 1: 'output' is missing"),
     "non-string field": ('[{"instruction": "a", "input": 3, "output": "b"}]', r"entry 0: 'input' must be a string, not int"),
@@ -141,7 +134,7 @@ BAD = {
 @pytest.mark.parametrize("case", BAD)
 def test_bad_data_is_one_clear_error_naming_file_and_entry(tmp_path, case):
     text, message = BAD[case]
-    path = tmp_path / ("nope.json" if text is None else "d.jsonl" if "JSONL" in case else "d.json")
+    path = tmp_path / ("nope.json" if text is None else "d.json")
     if text is not None:
         path.write_text(text)
     with pytest.raises(ValueError, match=message) as err:
@@ -197,20 +190,11 @@ def serve_files(files):
     return serve(Files)[0], hits
 
 
-LINES = '{"instruction": "Say\u2028hi\u0085there", "output": "ok"}\n{"instruction": "b", "output": "c"}\n'
-
-
-def test_jsonl_splits_on_newlines_only_not_inside_strings(tmp_path):
-    (tmp_path / "d.jsonl").write_text(LINES, encoding="utf-8")
-    entries = sft.load_entries(str(tmp_path / "d.jsonl"))
-    assert [e["instruction"] for e in entries] == ["Say\u2028hi\u0085there", "b"]
-
-
-def test_a_jsonl_url_with_a_query_is_read_as_jsonl_and_a_long_name_is_cached_under_a_short_one():
+def test_a_url_with_a_query_or_a_long_name_is_cached_under_a_short_name():
     long_name = "/" + "x" * 300 + ".json"
-    url, hits = serve_files({"/d.jsonl?raw=true": LINES.encode(), long_name: b'[{"instruction": "a", "output": "b"}]'})
-    assert len(sft.load_entries(url + "/d.jsonl?raw=true")) == 2
-    assert sft.load_entries(url + long_name) == [{"instruction": "a", "output": "b"}]
+    body = b'[{"instruction": "a", "output": "b"}]'
+    url, hits = serve_files({"/d.json?raw=true": body, long_name: body})
+    assert sft.load_entries(url + "/d.json?raw=true") == sft.load_entries(url + long_name) == json.loads(body)
     cached = os.listdir(os.path.join(os.environ["XDG_CACHE_HOME"], "gpt2-sft", "data"))
     assert len(cached) == 2 and all(len(name) < 30 for name in cached)
 
