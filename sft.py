@@ -286,19 +286,24 @@ def train(cfg: TrainConfig):
     log(f"model: {cfg.model} on {device}, {sum(p.numel() for p in params):,} trainable of {total:,} parameters")
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    saved = [0]  # the epoch the run folder holds
 
     def end_epoch(epoch, metrics, steps_per_epoch):
         answer = respond(model, val_e[:1], enc, cfg.style, 50)[0]  # as the book: one answer an epoch
         log(f"epoch {epoch} sample response to {val_e[0]['instruction']!r}: {answer!r}")
         save_run(model, cfg, metrics, steps_per_epoch, epoch)
-        saved[0] = epoch
     try:
         run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch)
     except KeyboardInterrupt:
-        kept = f"{cfg.out} holds epoch {saved[0]}" if saved[0] else "no epoch finished, nothing was saved"
-        raise KeyboardInterrupt(kept) from None
+        raise KeyboardInterrupt(what_was_kept(cfg.out)) from None
     lock.close()
+
+def what_was_kept(out: str) -> str:
+    """After Ctrl-C: undo a swap cut between its renames, then say which epoch the run folder holds."""
+    if not os.path.exists(out) and os.path.exists(out + ".old"):
+        os.rename(out + ".old", out)
+    if not os.path.exists(os.path.join(out, "run.json")):
+        return "no epoch finished; nothing was saved"
+    return f"{out} holds epoch {read_json(os.path.join(out, 'run.json'))['epochs_done']}"
 
 def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
     """Shuffled batches, the last partial one dropped (as the book); a loss report every eval_every steps."""
@@ -385,10 +390,11 @@ def loss_svg(metrics, steps_per_epoch: int, w=720, h=420) -> str:
     for epoch in range(1, last // steps_per_epoch + 1):
         at = x(epoch * steps_per_epoch)
         svg.append(f'<path d="M{at:.1f},{top} V{bottom}" stroke="gray" stroke-dasharray="2,4"/>')
-        svg.append(f'<text x="{at - 4:.1f}" y="{top + 14}" text-anchor="end" fill="gray">epoch {epoch}</text>')
-    for key, name, dash, row in (("train_loss", "train", "", 0), ("val_loss", "validation", "6,4", 1)):
+        svg.append(f'<text x="{at - 4:.1f}" y="{bottom - 6}" text-anchor="end" fill="gray">epoch {epoch}</text>')
+    lines = (("train_loss", "train", "#1f77b4", "none", 0), ("val_loss", "validation", "#ff7f0e", "6,4", 1))
+    for key, name, color, dash, row in lines:
         points = " ".join(f"{x(m['step']):.1f},{y(m[key]):.1f}" for m in metrics)
-        style = f'stroke="#1f77b4" stroke-width="2" fill="none" stroke-dasharray="{dash}"'
+        style = f'stroke="{color}" stroke-width="2" fill="none" stroke-dasharray="{dash}"'
         svg.append(f'<polyline id="{name}" {style} points="{points}"/>')
         svg.append(f'<path d="M{right - 130},{top + 20 + 16 * row} h24" {style}/>')
         svg.append(f'<text x="{right - 100}" y="{top + 24 + 16 * row}">{name}</text>')

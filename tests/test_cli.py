@@ -54,7 +54,19 @@ def test_a_local_checkpoint_trains_writes_the_run_directory_and_evaluates(tmp_pa
     assert [m["step"] for m in metrics] == [0, 3, 6, 9, 12, 15, 16]  # 34 train rows // 4 = 8 steps an epoch
     assert all({"step", "epoch", "tokens", "train_loss", "val_loss", "seconds"} <= m.keys() for m in metrics)
     svg = ET.parse(out / "loss.svg").getroot()
-    assert {p.get("id") for p in svg.iter("{http://www.w3.org/2000/svg}polyline")} == {"train", "validation"}
+    lines = {p.get("id"): p for p in svg.iter("{http://www.w3.org/2000/svg}polyline")}
+    assert lines.keys() == {"train", "validation"} and lines["validation"].get("stroke-dasharray") != "none"
+    assert len(lines["train"].get("points").split()) == len(metrics)  # a point per report
+    texts = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"epoch 1", "epoch 2", "tokens seen", "optimizer step", "loss", "train", "validation"} <= set(texts)
+    y_ticks = [float(t.text) for t in svg.iter("{http://www.w3.org/2000/svg}text") if t.get("text-anchor") == "end"
+               and t.get("fill") is None]
+    losses = [m[k] for m in metrics for k in ("train_loss", "val_loss")]
+    spread = max(losses) - min(losses)
+    assert len(y_ticks) >= 3 and all(min(losses) - spread / 10 <= t <= max(losses) + spread / 10 for t in y_ticks)
+    token_labels = [int(t.text.replace(",", "")) for t in svg.iter("{http://www.w3.org/2000/svg}text")
+                    if t.get("fill") == "gray" and t.text.replace(",", "").isdigit()]
+    assert token_labels[0] == 0 and max(token_labels) <= metrics[-1]["tokens"] and len(token_labels) >= 3
     url, bodies = ollama(replies=["Score: 80", "70", "I'd rate it 90 out of 100.", "no idea"])
     monkeypatch.setenv("OLLAMA_HOST", url)
     code, _, err = run(capsys, "eval", "--out", out)
@@ -139,18 +151,21 @@ def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, smal
     assert isinstance(code, str) and f"{weights}: not a valid safetensors file" in code and "\n" not in code
 
 
-def test_ctrl_c_during_training_exits_with_one_line_and_no_files(tmp_path, small_data):
+def test_ctrl_c_during_training_keeps_the_last_finished_epoch_and_says_so(tmp_path, small_data):
     import signal
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "sft.py", "train", "--model", "tiny", "--data", small_data, "--out", str(out),
                           "--epochs", "1000", "--batch-size", "2"], stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(sft.__file__))
-    for line in p.stderr:  # wait until the steps are running
-        if line.startswith("initial loss"):
+    for line in p.stderr:  # wait until the third epoch has been saved
+        if line.startswith("epoch 3 sample"):
             break
     p.send_signal(signal.SIGINT)
     rest = p.stderr.read()
-    assert p.wait(timeout=60) == 1 and "Traceback" not in rest and rest.strip().splitlines()[-1].startswith("interrupted")
-    assert not out.exists() or not [f for f in os.listdir(out)]
+    assert p.wait(timeout=60) == 1 and "Traceback" not in rest
+    last = rest.strip().splitlines()[-1]
+    kept = json.loads((out / "run.json").read_text())["epochs_done"]
+    assert kept >= 2 and last == f"interrupted: {out} holds epoch {kept}"  # what was kept, truthfully
+    assert sorted(os.listdir(out)) == ["config.json", "loss.svg", "metrics.jsonl", "model.safetensors", "run.json"]
 
 
 def fake_run(tmp_path, entries, **settings):
@@ -265,3 +280,11 @@ def test_ctrl_c_while_torch_is_importing_is_one_line(tmp_path):
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=60)[1]
     assert p.returncode != 0 and "Traceback" not in err
+
+
+def test_a_swap_cut_between_its_renames_is_undone_on_ctrl_c(tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "run.old").mkdir()  # save_run renamed the old run away, then the signal came
+    (tmp_path / "run.old" / "run.json").write_text(json.dumps({"epochs_done": 3}))
+    assert sft.what_was_kept(str(out)) == f"{out} holds epoch 3"
+    assert (out / "run.json").exists() and not (tmp_path / "run.old").exists()

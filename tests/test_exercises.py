@@ -53,7 +53,7 @@ def test_lora_run_saves_a_plain_checkpoint_and_reports_trainable_parameters(tmp_
     code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 1, "--batch-size", 2,
                        "--lora-rank", 8, "--grad-accum", 2)
     assert code == 0, err
-    assert "trainable of" in err and "2 steps" in err  # 8 rows // (2 x 2) = 2 steps
+    assert "trainable of" in err and "lr 0.001, effective batch 4 (2 x 2), 2 steps" in err  # 8 rows // 4
     # 4 blocks x rank 8 x (in + out) of c_attn, attn.c_proj, c_fc, mlp.c_proj
     assert f"{4 * 8 * ((128 + 384) + (128 + 128) + (128 + 512) + (512 + 128)):,} trainable" in err
     saved = gpt.read_safetensors(out / "model.safetensors")
