@@ -1,7 +1,8 @@
-"""GPT-2 in one file: the model, safetensors, Hugging Face checkpoints in and out, batched generation."""
+"""GPT-2 in one file: the model, safetensors, Hugging Face checkpoints in and out, generation."""
 import ctypes, http.client, json, math, os, re, sys, urllib.error, urllib.request, warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
-warnings.filterwarnings("ignore", "Failed to initialize NumPy")  # torch warns without numpy; unused here
+warnings.filterwarnings("ignore", "Failed to initialize NumPy")  # torch warns without numpy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,9 +21,9 @@ class GPTConfig:
             value = getattr(self, f.name)
             kinds = (int,) if f.type is int else (int, float)
             if type(value) not in kinds or not 0 < value < math.inf:
-                raise ValueError(f"config {f.name} must be a positive {f.type.__name__}, not {value!r}")
+                raise ValueError(f"config {f.name} must be a positive {f.type.__name__}: {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"config n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+            raise ValueError(f"config n_embd {self.n_embd} is not a multiple of n_head")
 
 # ---------------------------------------------------------------- the model
 class Attention(nn.Module):
@@ -36,22 +37,11 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.transpose(1, 3).unbind(2)  # each (B, nh, T, hs)
-        if cache is not None:  # cache (2, B, nh, S, hs): store this step at [start, start+T), use all so far
-            cache[0, :, :, start:start + T] = k
-            cache[1, :, :, start:start + T] = v
-            k = cache[0, :, :, :start + T]
-            v = cache[1, :, :, :start + T]
+        if cache is not None:  # (2, B, nh, S, hs): store at [start, start+T), attend to all so far
+            cache[:, :, :, start:start + T] = torch.stack((k, v))
+            k, v = cache[:, :, :, :start + T]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
-
-class MLP(nn.Module):
-    def __init__(self, c: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(c.n_embd, 4 * c.n_embd)
-        self.c_proj = nn.Linear(4 * c.n_embd, c.n_embd)
-
-    def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 class Block(nn.Module):
     def __init__(self, c: GPTConfig):
@@ -59,7 +49,9 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
         self.attn = Attention(c)
         self.ln_2 = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
-        self.mlp = MLP(c)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(c.n_embd, 4 * c.n_embd),
+                                             gelu=nn.GELU(approximate="tanh"),
+                                             c_proj=nn.Linear(4 * c.n_embd, c.n_embd)))
 
     def forward(self, x, mask=None, cache=None, start=0):
         x = x + self.attn(self.ln_1(x), mask, cache, start)  # pre-LayerNorm residual blocks
@@ -73,14 +65,14 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        for name, p in self.named_parameters():  # GPT-2's init: weights N(0, 0.02), biases 0, LayerNorm 1
+        for name, p in self.named_parameters():  # GPT-2's init: N(0, 0.02), biases 0, LayerNorm 1
             if p.ndim == 2:
                 nn.init.normal_(p, std=0.02)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
     def forward(self, idx, pos=None, mask=None, cache=None, start=0, last_only=False):
-        """idx (B, T) token ids -> logits (B, T, vocab); pos, mask, cache and start are generate()'s."""
+        """idx (B, T) token ids -> logits (B, T, vocab); pos, mask, cache, start: generate()'s."""
         if pos is None:
             pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
@@ -88,19 +80,20 @@ class GPT(nn.Module):
             x = block(x, mask, None if cache is None else cache[i], start)
         if last_only:  # generation needs the next token's logits only
             x = x[:, -1:]
-        return F.linear(self.ln_f(x), self.wte.weight)  # the output head is tied to the token embedding
+        return F.linear(self.ln_f(x), self.wte.weight)  # the head is tied to the token embedding
 
 class LoRALinear(nn.Module):
-    """A frozen Linear plus a low-rank update: y = base(x) + (alpha / rank) * x A^T B^T, B starting at 0."""
+    """A frozen Linear plus a low-rank update: y = base(x) + (alpha / rank) * x A^T B^T."""
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
         self.base = base
         self.scale = alpha / rank
         device = base.weight.device
-        self.A = nn.Parameter(torch.randn(rank, base.in_features, device=device) / base.in_features ** 0.5)
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        a = torch.randn(rank, base.in_features, device=device) / base.in_features ** 0.5
+        self.A = nn.Parameter(a)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))  # starts at 0
 
-    def forward(self, x):  # through the rank-r bottleneck: the frozen weight gets no gradient work
+    def forward(self, x):  # through the rank-r bottleneck: no gradient work for the frozen weight
         return self.base(x) + (x @ self.A.t()) @ self.B.t() * self.scale
 
     def merged(self) -> nn.Linear:
@@ -119,7 +112,7 @@ def add_lora(model: GPT, rank: int, alpha: float) -> GPT:
     return model
 
 def merge_lora(model: GPT) -> GPT:
-    """Fold each adapter into its base weight (W += scale * B A) and unwrap it: a plain GPT-2 again."""
+    """Fold each adapter into its weight (W += scale * B A) and unwrap it: a plain GPT-2 again."""
     _swap_linears(model, lambda m: m.merged() if isinstance(m, LoRALinear) else m)
     return model.requires_grad_(True)
 
@@ -129,53 +122,48 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "U8": torch.uint8, "BOOL": torch.bool}
 
 def _is_size(x) -> bool:
-    return type(x) is int and 0 <= x < 2**63  # an int64 size; True and 4.0 are not
+    return type(x) is int and 0 <= x < 2**63  # fits torch's int64 sizes; True and 4.0 do not count
 
 def _not_json(word):
     raise ValueError(f"{word} is not a JSON value")
 
-def _tensor_entries(header) -> list:
-    """The header's tensors as [(begin, end, name, dtype, shape)], each field checked, sorted by offset."""
+def _entries(header, data_size: int) -> list:
+    """[(begin, end, name, dtype, shape)] by offset, the header checked against every rule."""
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
-    metadata = header.pop("__metadata__", None)
-    if metadata is None:  # absent, or null as the reference library allows
-        metadata = {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    metadata = header.pop("__metadata__", None)  # may be absent or null
+    strings = isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    if metadata is not None and not strings:
         raise ValueError("__metadata__ is not an object of strings")
     entries = []
     for name, info in header.items():
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise ValueError(f"tensor {name} is not an object with dtype, shape and data_offsets")
-        dtype = info["dtype"]
-        shape = info["shape"]
-        offsets = info["data_offsets"]
+        info = info if isinstance(info, dict) else {}
+        dtype = info.get("dtype")
+        shape = info.get("shape")
+        offsets = info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ValueError(f"tensor {name} has an unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(map(_is_size, shape)):
             raise ValueError(f"tensor {name}: shape {shape!r} is not a list of integers >= 0")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_size, offsets)):
             raise ValueError(f"tensor {name}: data_offsets {offsets!r} is not two integers >= 0")
-        entries.append((offsets[0], offsets[1], name, dtype, shape))
-    return sorted(entries)
-
-def _check_layout(entries, data_size: int):
-    """The tensors tile the data: contiguous from 0, no hole or overlap, each the size its shape needs."""
-    end = 0
+        entries.append((*offsets, name, dtype, shape))
+    entries.sort()
+    end = 0  # the tensors must tile the data: from 0, no hole, no overlap, each its shape's size
     for begin, stop, name, dtype, shape in entries:
-        if begin < end:
-            raise ValueError(f"tensor {name} starts at {begin}, overlapping the data before (ends at {end})")
-        if begin > end:
-            raise ValueError(f"tensor {name} starts at {begin}, leaving a hole after the data before ({end})")
+        if begin != end:
+            gap = "overlapping" if begin < end else "leaving a hole after"
+            raise ValueError(f"tensor {name} starts at {begin}, {gap} the data before ({end})")
         need = math.prod(shape) * DTYPES[dtype].itemsize
         if stop - begin != need:
-            raise ValueError(f"tensor {name} spans {stop - begin} bytes, but {dtype} x {shape} needs {need}")
+            raise ValueError(f"tensor {name} spans {stop - begin} bytes; {dtype} {shape} needs {need}")
         end = stop
     if end != data_size:
         raise ValueError(f"the tensors cover {end} bytes of data, but the file has {data_size}")
+    return entries
 
 def _read_header(f, size: int) -> tuple:
-    """(header length n, sorted tensor entries) of an open .safetensors file; ValueError names the rule."""
+    """(n, entries) of an open .safetensors file: an 8-byte length n, then n bytes of JSON."""
     if size < 8:
         raise ValueError(f"truncated: {size} bytes, shorter than the 8-byte header length")
     n = int.from_bytes(f.read(8), "little")
@@ -183,15 +171,13 @@ def _read_header(f, size: int) -> tuple:
         raise ValueError(f"a header of {n} bytes is over the 100 MB limit")
     if 8 + n > size:
         raise ValueError(f"a header of {n} bytes runs past the end of the {size}-byte file")
-    try:
-        header = json.loads(f.read(n).decode("utf-8"), parse_constant=_not_json)  # no NaN, no Infinity
+    try:  # the format's JSON has no NaN or Infinity, and is UTF-8
+        header = json.loads(f.read(n).decode("utf-8"), parse_constant=_not_json)
     except json.JSONDecodeError as e:
         raise ValueError(f"the header is not JSON ({e})") from None
     except RecursionError:
         raise ValueError("the header is nested too deeply") from None
-    entries = _tensor_entries(header)
-    _check_layout(entries, size - 8 - n)
-    return n, entries
+    return n, _entries(header, size - 8 - n)
 
 def read_safetensors(path) -> dict:
     """Memory-map a .safetensors file into {name: tensor}, checking every rule of the format."""
@@ -199,22 +185,23 @@ def read_safetensors(path) -> dict:
     with open(path, "rb") as f:
         try:
             n, entries = _read_header(f, size)
-        except ValueError as e:  # UTF-8's errors are ValueErrors too
+        except ValueError as e:  # UnicodeDecodeError is one too
             raise ValueError(f"{path}: not a valid safetensors file: {e}") from None
-    # a private copy-on-write map: pages load when a tensor touches them, and writes never reach the file
-    raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(path), False, size))
+    # a private copy-on-write map: pages load as tensors touch them; writes never reach the file
+    storage = torch.UntypedStorage.from_file(str(path), False, size)
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage)
     tensors = {}
     for begin, stop, name, dtype, shape in entries:
         t = raw[8 + n + begin:8 + n + stop]
         if t.storage_offset() % DTYPES[dtype].itemsize:
-            t = t.clone()  # a view must start at a multiple of its item size: copy the rare misaligned one
+            t = t.clone()  # a view must start at a multiple of its item size: copy a misaligned one
         tensors[name] = t.view(DTYPES[dtype]).view(shape)
     return tensors
 
 def _atomic_write(path, write, check=None):
-    """write(f) into a temp file, fsync, check(temp), then rename over path: no half or bad file is seen."""
+    """write(f) to a temp file, fsync, check(temp), rename over path: never a half or bad file."""
     root, extension = os.path.splitext(path)
-    tmp = f"{root}.tmp{extension}"  # one fixed name: a killed write is overwritten next time, never piles up
+    tmp = f"{root}.tmp{extension}"  # one fixed name: a killed write is overwritten, never piles up
     try:
         with open(tmp, "wb") as f:  # a new file's mode follows the umask
             write(f)
@@ -234,21 +221,21 @@ def write_text(path, text: str):
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None):
-    """{name: tensor} -> a .safetensors file; the header is padded so each tensor starts 8-byte aligned."""
+    """{name: tensor} -> a .safetensors file; the header is padded so tensors are 8-byte aligned."""
     header = {"__metadata__": metadata} if metadata else {}
     dtype_names = {t: name for name, t in DTYPES.items()}
     blobs = [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in tensors.values()]
     offset = 0
     for (name, t), blob in zip(tensors.items(), blobs):
-        end = offset + blob.numel()
-        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
-        offset = end
+        offsets = [offset, offset + blob.numel()]
+        header[name] = {"dtype": dtype_names[t.dtype], "shape": [*t.shape], "data_offsets": offsets}
+        offset += blob.numel()
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
 
     def write(f):
         f.write(len(head).to_bytes(8, "little") + head)
-        for blob in blobs:  # torch has no buffer protocol without numpy: hand write() the raw memory
+        for blob in blobs:  # no buffer protocol without numpy: hand write() the raw memory
             if blob.numel():
                 f.write((ctypes.c_char * blob.numel()).from_address(blob.data_ptr()))
     _atomic_write(path, write)
@@ -256,17 +243,17 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
 # ---------------------------------------------------------------- Hugging Face checkpoints
 ALIASES = {a: f"openai-community/{a}" for a in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, never "." or ".."
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # (in, out)
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 DOWNLOAD_TIMEOUT = 60  # seconds to wait for the server's next bytes
-HTTP_ERRORS = (OSError, http.client.HTTPException, ValueError)  # refused, reset, timed out, not HTTP, bad URL
+HTTP_ERRORS = (OSError, http.client.HTTPException, ValueError)  # refused, reset, timeout, not HTTP
 
 def _copy_body(response, f, url: str):
-    """Copy a response body into f; a body that ends before its Content-Length is an error."""
+    """Copy a response body into f; one that ends before its Content-Length is an error."""
     while True:
         try:
             chunk = response.read(1 << 22)
         except HTTP_ERRORS as e:  # a reset, a stall, a chunked body cut short
-            raise ValueError(f"the download of {url} broke off ({type(e).__name__}); try again") from None
+            raise ValueError(f"the download of {url} broke off ({type(e).__name__})") from None
         if not chunk:
             break
         f.write(chunk)
@@ -277,15 +264,15 @@ def _copy_body(response, f, url: str):
         raise ValueError(f"the download of {url} stopped at {f.tell()} of {total} bytes; try again")
 
 def download(url: str, dest: str, check):
-    """Fetch url into dest, whole (Content-Length) and valid (check(path) raises ValueError), or not at all."""
+    """Fetch url into dest, whole and valid (check(path) raises ValueError), or not at all."""
     try:
-        response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)  # follows the hub's redirect
+        response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)  # follows redirects
     except urllib.error.HTTPError as e:
         reason = "not found" if e.code in (401, 404) else f"HTTP {e.code} {e.reason}"
         raise ValueError(f"{url}: {reason}") from None
     except HTTP_ERRORS as e:
         reason = " ".join(str(getattr(e, "reason", e)).split())  # one line, even from a junk server
-        raise ValueError(f"cannot download {url} ({reason}): check the network connection") from None
+        raise ValueError(f"cannot download {url} ({reason}): check the network") from None
 
     def check_download(tmp):
         try:
@@ -320,11 +307,10 @@ def _load_folder(folder: str) -> GPT:
     path = os.path.join(folder, "model.safetensors")
     state = {}
     for k, v in read_safetensors(path).items():
-        k = k.removeprefix("transformer.")  # transformers' save_pretrained writes this prefix
-        mask_buffer = k.endswith(".attn.bias") or k.endswith(".attn.masked_bias")
-        if mask_buffer or k == "lm_head.weight":
+        k = k.removeprefix("transformer.")  # transformers' save_pretrained adds it
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
             continue  # causal-mask buffers and the tied head carry nothing we need
-        state[k] = v.t() if k.endswith(CONV1D) else v
+        state[k] = v.t() if k.endswith(CONV1D) else v  # Conv1D weights are stored (in, out)
     with torch.device("meta"):
         model = GPT(config)  # no memory yet: the file's tensors are assigned below
     wanted = {k: tuple(p.shape) for k, p in model.state_dict().items()}
@@ -332,38 +318,35 @@ def _load_folder(folder: str) -> GPT:
         if k not in state or k not in wanted:
             raise ValueError(f"{path}: tensor {k}: {'missing' if k not in state else 'unexpected'}")
         if tuple(state[k].shape) != wanted[k]:
-            raise ValueError(f"{path}: tensor {k}: shape {tuple(state[k].shape)}, config says {wanted[k]}")
+            shape = tuple(state[k].shape)
+            raise ValueError(f"{path}: tensor {k}: shape {shape}, config says {wanted[k]}")
     model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)  # F32 stays mapped
     return model
 
-def _fetch(repo: str) -> str:
-    """Download a hub repo's config.json and model.safetensors into the cache, once; returns the folder."""
-    folder = cache_dir(repo)
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    for file, check in (("config.json", read_config), ("model.safetensors", read_safetensors)):
-        if not os.path.exists(os.path.join(folder, file)):  # a file appears only when whole and checked
-            download(f"{endpoint}/{repo}/resolve/main/{file}", os.path.join(folder, file), check)
-    return folder
-
 def from_pretrained(name: str) -> GPT:
-    """A GPT-2 checkpoint in the Hugging Face layout: a local folder, an alias, or an owner/name repo."""
+    """A GPT-2 in the Hugging Face layout: a local folder, an alias, or an owner/name repo."""
     if os.path.isdir(name):
         return _load_folder(name)
     repo = ALIASES.get(name, name)
     if not REPO.fullmatch(repo):
-        raise ValueError(f"model {name}: no such folder, and not a Hugging Face repo name like owner/name")
-    try:
-        folder = _fetch(repo)
-    except ValueError as e:
-        raise ValueError(f"{e}; --model takes a GPT-2 repo (gpt2-medium, owner/name) or a local folder, "
-                         "and HF_ENDPOINT sets a mirror") from None
+        raise ValueError(f"model {name}: no such folder, and not a Hugging Face repo name owner/name")
+    folder = cache_dir(repo)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    for file, check in (("config.json", read_config), ("model.safetensors", read_safetensors)):
+        dest = os.path.join(folder, file)
+        if not os.path.exists(dest):  # a file is there only when whole and checked
+            try:
+                download(f"{endpoint}/{repo}/resolve/main/{file}", dest, check)
+            except ValueError as e:
+                raise ValueError(f"{e}; --model takes a GPT-2 repo (gpt2-medium, owner/name) "
+                                 "or a local folder, and HF_ENDPOINT sets a mirror") from None
     try:
         return _load_folder(folder)
-    except ValueError as e:  # a cached file spoiled after its download was checked
+    except ValueError as e:  # spoiled after its download was checked
         raise ValueError(f"{e} (a cached download: delete {folder} to download it again)") from None
 
 def save_pretrained(model: GPT, out_dir: str):
-    """config.json + model.safetensors in the hub layout: no prefix, Conv1D weights (in, out), no lm_head."""
+    """config.json + model.safetensors in the hub layout: Conv1D weights (in, out), no lm_head."""
     os.makedirs(out_dir, exist_ok=True)
     config = {**asdict(model.config), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
               "activation_function": "gelu_new", "tie_word_embeddings": True}
@@ -373,7 +356,7 @@ def save_pretrained(model: GPT, out_dir: str):
 
 # ---------------------------------------------------------------- generation
 def _next_token(logits, temperature: float, top_k):
-    """(B, vocab) -> (B,): greedy at temperature 0, else a sample from the top_k most likely (all if None)."""
+    """(B, vocab) -> (B,): greedy at temperature 0, else a sample of the top_k likeliest."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -383,18 +366,18 @@ def _next_token(logits, temperature: float, top_k):
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 @torch.no_grad()
-def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None, temperature=0.0, top_k=None) -> list:
-    """Continue each prompt (token ids; lengths may differ) in one KV-cached batch; new ids only, no eos."""
+def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None, temperature=0.0, top_k=None):
+    """Continue prompts (id lists of any lengths) in one KV-cached batch; new ids only, no eos."""
     c = model.config
     device = model.wte.weight.device
-    prompts = [p[-(c.n_positions - 1):] for p in prompts]  # keep the newest tokens of an over-long prompt
+    prompts = [p[-(c.n_positions - 1):] for p in prompts]  # an over-long prompt keeps its newest
     P = max(map(len, prompts))
     S = min(P + max_new_tokens, c.n_positions)  # generation stops when the context is full
     pads = torch.tensor([P - len(p) for p in prompts], device=device)[:, None]  # (B, 1)
-    x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # left-padded: rows end together
+    x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # left-padded
     column = torch.arange(S, device=device)
-    real = column >= pads                    # (B, S): False on each row's padding
-    pos = (column - pads).clamp(min=0)       # (B, S): each row's positions start at 0 at its first token
+    real = column >= pads               # (B, S): False on each row's padding
+    pos = (column - pads).clamp(min=0)  # (B, S): each row's positions start at its first token
     cache = torch.empty(c.n_layer, 2, len(prompts), c.n_head, S, c.n_embd // c.n_head,
                         device=device, dtype=model.wte.weight.dtype)
     out = []
@@ -404,10 +387,10 @@ def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None, temperature=
         T = x.shape[1]
         query = column[start:start + T, None]  # (T, 1)
         key = column[None, :start + T]        # (1, start+T)
-        # (B, T, start+T): causal and no padding; a pad query sees itself, so no row is all -inf
+        # (B, T, start+T): causal, no padding; a pad query sees itself, so no row is all -inf
         mask = ((key <= query) & real[:, None, :start + T]) | (key == query)
-        logits = model(x, pos[:, start:start + T], mask[:, None], cache, start, last_only=True)[:, -1]
-        token = _next_token(logits, temperature, top_k)
+        logits = model(x, pos[:, start:start + T], mask[:, None], cache, start, last_only=True)
+        token = _next_token(logits[:, -1], temperature, top_k)
         out.append(token)
         done |= token == eos_id
         if done.all():
