@@ -1,10 +1,10 @@
-"""Instruction finetuning of GPT-2: data -> prompts -> tokens -> batches -> training -> responses -> CLI."""
+"""Instruction finetuning of GPT-2: data -> prompts -> tokens -> batches -> training -> CLI."""
 import argparse, copy, hashlib, json, math, os, shutil, sys, time
 from dataclasses import asdict, dataclass, field, fields
 import judge
 try:  # torch takes seconds to import: Ctrl-C meanwhile is one line too
-    from gpt import GPT, GPTConfig, add_lora, cache_dir, download, from_pretrained, generate, merge_lora
-    from gpt import save_pretrained, write_text
+    from gpt import GPT, GPTConfig, add_lora, cache_dir, download, from_pretrained, generate
+    from gpt import merge_lora, save_pretrained, write_text
     import tiktoken
     import torch
     import torch.nn.functional as F
@@ -21,9 +21,9 @@ EOT = 50256      # <|endoftext|>: pads the batches, and is the one end target ea
 IGNORE = -100    # targets that cross_entropy skips
 SPLIT = (0.85, 0.10)  # train and test fractions, as the book; validation gets the rest
 STYLES = {  # (instruction, input when non-empty, response marker)
-    "alpaca": ("Below is an instruction that describes a task. "
-               "Write a response that appropriately completes the request."
-               "\n\n### Instruction:\n{instruction}", "\n\n### Input:\n{input}", "\n\n### Response:\n"),
+    "alpaca": ("Below is an instruction that describes a task. Write a response that "
+               "appropriately completes the request.\n\n### Instruction:\n{instruction}",
+               "\n\n### Input:\n{input}", "\n\n### Response:\n"),
     "phi3": ("<|user|>\n{instruction}", "\n{input}", "\n<|assistant|>\n"),
 }
 
@@ -36,7 +36,8 @@ def read_json(path: str):
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        where = f"line {e.lineno}, column {e.colno}"
+        raise ValueError(f"{path}: malformed JSON at {where}: {e.msg}") from None
     except RecursionError:
         raise ValueError(f"{path}: the JSON is nested too deeply") from None
 
@@ -52,11 +53,12 @@ def read_entries(path: str) -> list:
             if key not in entry and key != "input":  # input is the only optional key
                 raise ValueError(f"{path}: entry {i}: {key!r} is missing")
             if key in entry and not isinstance(entry[key], str):
-                raise ValueError(f"{path}: entry {i}: {key!r} must be a string, not {type(entry[key]).__name__}")
+                kind = type(entry[key]).__name__
+                raise ValueError(f"{path}: entry {i}: {key!r} must be a string, not {kind}")
     return data
 
 def load_entries(source: str = DATA) -> list:
-    """Entries from a path, or from a URL downloaded once into the cache (checked before it is kept)."""
+    """Entries from a path, or from a URL downloaded once into the cache (checked first)."""
     if not source.startswith(("http://", "https://")):
         return read_entries(source)
     path = os.path.join(cache_dir("data"), hashlib.sha1(source.encode()).hexdigest()[:16] + ".json")
@@ -83,29 +85,30 @@ def split(entries: list, source: str = "data") -> tuple:
     test = entries[n_train:n_train + n_test]
     val = entries[n_train + n_test:]
     if not (train and val and test):
-        raise ValueError(f"{source}: {len(entries)} entries are too few to split: at least 10 are needed")
+        raise ValueError(f"{source}: {len(entries)} entries are too few to split: at least 10")
     return train, val, test
 
 def tokenizer():
-    """tiktoken's gpt2 encoding from the BPE files shipped in data/ (a TIKTOKEN_CACHE_DIR you set wins)."""
+    """tiktoken's gpt2 encoding, from the BPE files in data/ unless you set TIKTOKEN_CACHE_DIR."""
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "data", "tiktoken-cache"))
     try:
         return tiktoken.get_encoding("gpt2")  # it checks the files' hashes
-    except Exception as e:  # a cache without the files: tiktoken tries to download, and offline it fails
-        raise ValueError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}) from TIKTOKEN_CACHE_DIR="
-                         f"{os.environ['TIKTOKEN_CACHE_DIR']}; unset it to use the shipped files") from None
+    except Exception as e:  # a cache without the files: tiktoken downloads, and offline it fails
+        cache = os.environ["TIKTOKEN_CACHE_DIR"]
+        raise ValueError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}) from "
+                         f"TIKTOKEN_CACHE_DIR={cache}; unset it to use the shipped files") from None
 
 def tokenize(entries: list, enc, style: str = "alpaca") -> list:
-    """[(ids, prompt_len)]: ids = enc(prompt) + enc(output); <|endoftext|> in the text stays text."""
+    """[(ids, prompt_len)]: ids = enc(prompt) + enc(output); a written <|endoftext|> stays text."""
     prompts = enc.encode_ordinary_batch([format_prompt(e, style) for e in entries])
     outputs = enc.encode_ordinary_batch([e["output"] for e in entries])
     return [(p + o, len(p)) for p, o in zip(prompts, outputs)]
 
 def collate(batch, pad_id=EOT, ignore_index=IGNORE, max_length=None, mask_prompt=False):
-    """[(ids, prompt_len)] -> inputs, targets (B, T), T the longest row (at most max_length). The book's
-    example, rows [0..4], [5, 6], [7, 8, 9] with E = 50256 and _ = -100, gives
+    """[(ids, prompt_len)] -> inputs, targets (B, T), T the longest row (at most max_length).
+    The book's example, rows [0..4], [5, 6], [7, 8, 9] with E = 50256 and _ = -100, gives
     inputs  [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]] and
-    targets [[1, 2, 3, 4, E], [6, E, _, _, _], [8, 9, E, _, _]]. Masks go by position, never by value."""
+    targets [[1, 2, 3, 4, E], [6, E, _, _, _], [8, 9, E, _, _]]. Masks go by position, not value."""
     T = max(len(ids) for ids, _ in batch)
     inputs = torch.full((len(batch), T), pad_id)
     targets = torch.full((len(batch), T), ignore_index)
@@ -113,7 +116,7 @@ def collate(batch, pad_id=EOT, ignore_index=IGNORE, max_length=None, mask_prompt
         n = len(ids)
         inputs[i, :n] = torch.tensor(ids)
         targets[i, :n - 1] = inputs[i, 1:n]
-        targets[i, n - 1] = pad_id  # the end-of-text the model must learn to emit, so it learns to stop
+        targets[i, n - 1] = pad_id  # the one end-of-text to emit, so the model learns to stop
         if mask_prompt:
             targets[i, :prompt_len - 1] = ignore_index  # no loss on predicting prompt tokens
     return inputs[:, :max_length], targets[:, :max_length]
@@ -126,7 +129,7 @@ def opt(default, help):
 class TrainConfig:
     model: str = opt("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a local folder, or tiny "
                                     "(a random 7M-parameter GPT-2: no download)")
-    data: str = opt(DATA, "a JSON path or URL of instruction entries (default: the book's, in data/)")
+    data: str = opt(DATA, "a JSON list of entries: a path or URL (default: the book's, in data/)")
     out: str = opt(None, "the run folder (default: runs/<model name>)")
     style: str = opt("alpaca", "prompt style (exercise 7.1)")
     mask_prompt: bool = opt(False, "no loss on the prompt tokens (exercise 7.2)")
@@ -136,7 +139,7 @@ class TrainConfig:
     lr: float = opt(None, "AdamW learning rate (default: the book's 5e-5; 1e-3 for tiny)")
     weight_decay: float = opt(0.1, "AdamW weight decay")
     max_length: int = opt(1024, "cut rows to this many tokens (and to the model's context)")
-    lora_rank: int = opt(0, "train adapters of this rank instead of all weights (exercise 7.4; 0: off)")
+    lora_rank: int = opt(0, "train adapters of this rank, not all weights (exercise 7.4; 0: off)")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: updates are (alpha / rank) * B A")
     eval_every: int = opt(5, "optimizer steps between loss reports")
     limit: int = opt(0, "keep only the first N entries before the split (0: all)")
@@ -149,15 +152,16 @@ class TrainConfig:
         if self.out is None:
             self.out = os.path.join("runs", os.path.basename(self.model.rstrip("/")))
         for f in fields(self):  # argparse gives the right types; a hand-edited run.json may not
+            value = getattr(self, f.name)
             kinds = (int, float) if f.type is float else (f.type,)
-            if type(getattr(self, f.name)) not in kinds:
-                raise ValueError(f"{f.name} must be of type {f.type.__name__}, not {getattr(self, f.name)!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "lr", "max_length", "eval_every"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(self, name)}")
-        for name in ("weight_decay", "lora_rank", "lora_alpha", "limit"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, not {getattr(self, name)}")
+            if type(value) not in kinds:
+                raise ValueError(f"{f.name} must be of type {f.type.__name__}, not {value!r}")
+            flag = "--" + f.name.replace("_", "-")
+            at_least_zero = f.name in ("weight_decay", "lora_rank", "lora_alpha", "limit")
+            if f.type in (int, float) and not at_least_zero and not 0 < value < math.inf:
+                raise ValueError(f"{flag} must be a positive number, not {value}")
+            if at_least_zero and not 0 <= value < math.inf:
+                raise ValueError(f"{flag} must be a number >= 0, not {value}")
         if self.style not in STYLES:
             raise ValueError(f"--style {self.style}: not one of {', '.join(STYLES)}")
         for name in ("data", "model"):  # absolute, so eval and generate work from any folder
@@ -182,7 +186,8 @@ def load_model(name: str, seed: int = 0) -> GPT:
         return GPT(GPTConfig(n_embd=128, n_layer=4, n_head=4))
     model = from_pretrained(name)
     if model.config.vocab_size <= EOT:
-        raise ValueError(f"model {name} has {model.config.vocab_size} tokens; the GPT-2 tokenizer needs {EOT + 1}")
+        have = model.config.vocab_size
+        raise ValueError(f"model {name} has {have} tokens; the GPT-2 tokenizer needs {EOT + 1}")
     return model
 
 def loss_sum(model, inputs, targets, device):
@@ -191,11 +196,13 @@ def loss_sum(model, inputs, targets, device):
     targets = targets.to(device, non_blocking=True)
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(inputs)  # (B, T, vocab)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    logits = logits.flatten(0, 1).float()  # (B*T, vocab)
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 def loss_and_backward(model, micro_batches, device):
-    """Gradients of the token-weighted mean loss over [(inputs, targets)]: as one batch of them all."""
-    count = max(sum(int((t != IGNORE).sum()) for _, t in micro_batches), 1)  # counted on the CPU: no sync
+    """Gradients of the token-weighted mean loss over [(inputs, targets)]: as one batch of all."""
+    count = sum(int((t != IGNORE).sum()) for _, t in micro_batches)  # on the CPU: no device sync
+    count = max(count, 1)
     losses = []
     for inputs, targets in micro_batches:
         losses.append(loss_sum(model, inputs, targets, device))
@@ -205,7 +212,8 @@ def loss_and_backward(model, micro_batches, device):
 def batches(rows, cfg):
     """[(inputs, targets)] of cfg.batch_size rows each, with the run's truncation and masking."""
     for i in range(0, len(rows), cfg.batch_size):
-        yield collate(rows[i:i + cfg.batch_size], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
+        part = rows[i:i + cfg.batch_size]
+        yield collate(part, max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
 
 @torch.no_grad()
 def mean_loss(model, rows, cfg, device) -> float:
@@ -223,7 +231,7 @@ def keeps_a_target(ids, prompt_len, cfg) -> bool:
     return first < min(len(ids), cfg.max_length)
 
 def prepare_rows(cfg, model, enc):
-    """The train and validation rows, checked: every split keeps targets, and a step has its rows."""
+    """The train and validation rows, checked: each split keeps targets; a step has its rows."""
     train_e, val_e, test_e = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)
     cfg.max_length = min(cfg.max_length, model.config.n_positions)  # where the position table ends
     train_rows = tokenize(train_e, enc, cfg.style)
@@ -233,10 +241,11 @@ def prepare_rows(cfg, model, enc):
         f"{cut} cut to --max-length {cfg.max_length}")
     for name, rows in (("training", train_rows), ("validation", val_rows)):
         if not any(keeps_a_target(ids, prompt_len, cfg) for ids, prompt_len in rows):
-            raise ValueError(f"no {name} row keeps a response token within --max-length {cfg.max_length} "
-                             "(--mask-prompt masks the prompts); raise --max-length")
-    if len(train_rows) < cfg.batch_size * cfg.grad_accum:
-        raise ValueError(f"--batch-size x --grad-accum = {cfg.batch_size * cfg.grad_accum} is more than "
+            raise ValueError(f"no {name} row keeps a response token within --max-length "
+                             f"{cfg.max_length} (--mask-prompt masks prompts); raise --max-length")
+    rows_per_step = cfg.batch_size * cfg.grad_accum
+    if len(train_rows) < rows_per_step:
+        raise ValueError(f"--batch-size x --grad-accum = {rows_per_step} is more than "
                          f"the {len(train_rows)} training entries")
     return train_rows, val_rows, val_e
 
@@ -248,12 +257,12 @@ def claim_out(out: str):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         lock = open(f"{out}.lock", "w")  # beside the folder, which save_run swaps
     except OSError as e:
-        raise ValueError(f"cannot write the run folder {out} ({e.strerror or e}); pick another --out") from None
+        raise ValueError(f"cannot write the run folder {out} ({e.strerror}); pick another --out")
     try:
         if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go when the process ends, however
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go when the process ends
     except OSError:
-        raise ValueError(f"another training is writing {out}; wait for it, or pick another --out") from None
+        raise ValueError(f"another training is writing {out}; wait, or pick another --out")
     return lock
 
 def save_run(model, cfg, metrics: list, steps_per_epoch: int, epoch: int):
@@ -262,12 +271,14 @@ def save_run(model, cfg, metrics: list, steps_per_epoch: int, epoch: int):
     old = cfg.out + ".old"
     for leftover in (staging, old):  # from a save that was killed
         shutil.rmtree(leftover, ignore_errors=True)
-    if cfg.lora_rank:  # a copy with the adapters folded in: a plain GPT-2 checkpoint, training goes on
+    if cfg.lora_rank:  # a copy with the adapters folded in (a plain GPT-2); training goes on
         model = merge_lora(copy.deepcopy(model))
     save_pretrained(model, staging)
-    write_text(os.path.join(staging, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
+    settings = {**asdict(cfg), "epochs_done": epoch}
+    lines = "".join(json.dumps(m) + "\n" for m in metrics)
+    write_text(os.path.join(staging, "metrics.jsonl"), lines)
     write_text(os.path.join(staging, "loss.svg"), loss_svg(metrics, steps_per_epoch))
-    write_text(os.path.join(staging, "run.json"), json.dumps({**asdict(cfg), "epochs_done": epoch}, indent=2))
+    write_text(os.path.join(staging, "run.json"), json.dumps(settings, indent=2))
     if os.path.exists(cfg.out):
         os.rename(cfg.out, old)  # the previous run goes as a whole, its responses and scores too
     os.rename(staging, cfg.out)
@@ -282,13 +293,14 @@ def train(cfg: TrainConfig):
     if cfg.lora_rank:
         model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
-    log(f"model: {cfg.model} on {device}, {sum(p.numel() for p in params):,} trainable of {total:,} parameters")
+    log(f"model: {cfg.model} on {device}, {trainable:,} trainable of {total:,} parameters")
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
     def end_epoch(epoch, metrics, steps_per_epoch):
-        answer = respond(model, val_e[:1], enc, cfg.style, 50)[0]  # as the book: one answer an epoch
+        answer = respond(model, val_e[:1], enc, cfg.style, 50)[0]  # as the book, after each epoch
         log(f"epoch {epoch} sample response to {val_e[0]['instruction']!r}: {answer!r}")
         save_run(model, cfg, metrics, steps_per_epoch, epoch)
     try:
@@ -298,7 +310,7 @@ def train(cfg: TrainConfig):
     lock.close()
 
 def what_was_kept(out: str) -> str:
-    """After Ctrl-C: undo a swap cut between its renames, then say which epoch the run folder holds."""
+    """After Ctrl-C: undo a swap cut between its renames; say which epoch the run folder holds."""
     if not os.path.exists(out) and os.path.exists(out + ".old"):
         os.rename(out + ".old", out)
     if not os.path.exists(os.path.join(out, "run.json")):
@@ -306,21 +318,23 @@ def what_was_kept(out: str) -> str:
     return f"{out} holds epoch {read_json(os.path.join(out, 'run.json'))['epochs_done']}"
 
 def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
-    """Shuffled batches, the last partial one dropped (as the book); a loss report every eval_every steps."""
+    """Shuffled batches, the last partial one dropped (as the book); reports every eval_every."""
     rows_per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = len(train_rows) // rows_per_step
     steps = steps_per_epoch * cfg.epochs
     # the same validation rows at each report, as many as make one epoch's reports one pass
     subset = val_rows[:math.ceil(len(val_rows) / max(steps_per_epoch // cfg.eval_every, 1))]
     masked = "; losses cover the responses only" if cfg.mask_prompt else ""
-    log(f"training: lr {cfg.lr:g}, effective batch {rows_per_step} ({cfg.batch_size} x {cfg.grad_accum}), "
-        f"{steps} steps; validation on all {len(val_rows)} rows at the start and end, "
-        f"on the first {len(subset)} at each report{masked}")
+    batch_text = f"{rows_per_step} ({cfg.batch_size} x {cfg.grad_accum})"
+    log(f"training: lr {cfg.lr:g}, effective batch {batch_text}, {steps} steps; validation on "
+        f"all {len(val_rows)} rows at start and end, the first {len(subset)} at each report{masked}")
     started = time.time()
-    metrics = [dict(step=0, epoch=0, tokens=0, train_loss=mean_loss(model, train_rows[:cfg.batch_size], cfg, device),
-                    val_loss=mean_loss(model, val_rows, cfg, device), seconds=0.0)]
+    train_loss = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)  # the first batch
+    val_loss = mean_loss(model, val_rows, cfg, device)
     tail = time.time() - started  # the final full validation costs about this much again
-    log(f"initial loss: train {metrics[0]['train_loss']:.3f}, validation {metrics[0]['val_loss']:.3f}")
+    first = dict(step=0, epoch=0, tokens=0, train_loss=train_loss, val_loss=val_loss, seconds=0.0)
+    metrics = [first]
+    log(f"initial loss: train {train_loss:.3f}, validation {val_loss:.3f}")
     shuffle = torch.Generator().manual_seed(cfg.seed)
     running_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
     running_count = 0
@@ -332,7 +346,8 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
         if i == 0:
             order = torch.randperm(len(train_rows), generator=shuffle).tolist()
         batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
-        loss, count = loss_and_backward(model, list(batches(batch, cfg)), device)  # grad_accum micro-batches
+        micro_batches = list(batches(batch, cfg))  # grad_accum of them
+        loss, count = loss_and_backward(model, micro_batches, device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         running_loss += loss
@@ -343,8 +358,8 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
             seconds = time.time() - started
             train_loss = running_loss.item() / running_count
             val_loss = mean_loss(model, rows, cfg, device)
-            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # never NaN in metrics.jsonl
-                raise ValueError(f"training diverged (loss {train_loss} at step {step}); lower --lr")
+            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # never NaN in metrics
+                raise ValueError(f"training diverged (loss {train_loss}, step {step}): lower --lr")
             metrics.append(dict(step=step, epoch=epoch, tokens=tokens, train_loss=train_loss,
                                 val_loss=val_loss, seconds=round(seconds, 2)))
             running_loss.zero_()
@@ -355,7 +370,7 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
                 f"{seconds:.0f}s elapsed, {to_go:.0f}s to go")
         if i == steps_per_epoch - 1:
             end_epoch(epoch, metrics, steps_per_epoch)
-    log(f"trained {steps} steps in {time.time() - started:.1f}s; validation loss {metrics[-1]['val_loss']:.3f}")
+    log(f"trained {steps} steps in {time.time() - started:.1f}s; validation loss {val_loss:.3f}")
     return metrics
 
 def _ticks(lo: float, hi: float) -> list:
@@ -365,12 +380,16 @@ def _ticks(lo: float, hi: float) -> list:
         step *= 2.5 if str(step)[0] == "2" else 2  # 1, 2, 5, 10, 20, 50, ...
     return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
+def _text(x: float, y: float, label, anchor="middle", color="black", extra="") -> str:
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" fill="{color}"{extra}>{label}</text>'
+
 def loss_svg(metrics, steps_per_epoch: int, w=720, h=420) -> str:
-    """Train (solid) and validation (dashed) loss against steps, epochs marked, tokens seen on top."""
+    """Train and validation (dashed) loss against steps; epochs marked, tokens seen on top."""
     left, right, top, bottom = 60, w - 20, 50, h - 50  # the plot area's edges, in pixels
     losses = [m[k] for m in metrics for k in ("train_loss", "val_loss")]
-    lo = min(losses) - 0.05 * (max(losses) - min(losses))
-    hi = max(losses) + 0.05 * (max(losses) - min(losses)) + 1e-9
+    margin = 0.05 * (max(losses) - min(losses)) + 1e-9
+    lo = min(losses) - margin
+    hi = max(losses) + margin
     last = max(metrics[-1]["step"], 1)
 
     def x(step):
@@ -378,42 +397,43 @@ def loss_svg(metrics, steps_per_epoch: int, w=720, h=420) -> str:
 
     def y(loss):
         return bottom - (loss - lo) / (hi - lo) * (bottom - top)
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="12"><rect width="{w}" height="{h}" fill="white"/>',
-           f'<path d="M{left},{top} V{bottom} H{right}" stroke="black" fill="none"/>']
+    middle = (left + right) / 2
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+           'font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<path d="M{left},{top} V{bottom} H{right}" stroke="black" fill="none"/>',
+           _text(middle, h - 12, "optimizer step"),
+           _text(middle, top - 26, "tokens seen", color="gray"),
+           _text(14, h / 2, "loss", extra=f' transform="rotate(-90 14 {h / 2})"')]
     for loss in _ticks(lo, hi):
-        svg.append(f'<text x="{left - 6}" y="{y(loss) + 4:.1f}" text-anchor="end">{loss:g}</text>')
+        svg.append(_text(left - 6, y(loss) + 4, f"{loss:g}", anchor="end"))
     for step in _ticks(0, last):
-        tokens = min(metrics, key=lambda m: abs(m["step"] - step))["tokens"]  # at the nearest report
-        svg.append(f'<text x="{x(step):.1f}" y="{bottom + 16}" text-anchor="middle">{step:g}</text>')
-        svg.append(f'<text x="{x(step):.1f}" y="{top - 8}" text-anchor="middle" fill="gray">{tokens:,}</text>')
+        tokens = min(metrics, key=lambda m: abs(m["step"] - step))["tokens"]  # the nearest report's
+        svg.append(_text(x(step), bottom + 16, f"{step:g}"))
+        svg.append(_text(x(step), top - 8, f"{tokens:,}", color="gray"))
     for epoch in range(1, last // steps_per_epoch + 1):
         at = x(epoch * steps_per_epoch)
         svg.append(f'<path d="M{at:.1f},{top} V{bottom}" stroke="gray" stroke-dasharray="2,4"/>')
-        svg.append(f'<text x="{at - 4:.1f}" y="{bottom - 6}" text-anchor="end" fill="gray">epoch {epoch}</text>')
-    lines = (("train_loss", "train", "#1f77b4", "none", 0), ("val_loss", "validation", "#ff7f0e", "6,4", 1))
-    for key, name, color, dash, row in lines:
+        svg.append(_text(at - 4, bottom - 6, f"epoch {epoch}", anchor="end", color="gray"))
+    lines = (("train_loss", "train", "#1f77b4", "none"), ("val_loss", "validation", "#f80", "6,4"))
+    for row, (key, name, color, dash) in enumerate(lines):
         points = " ".join(f"{x(m['step']):.1f},{y(m[key]):.1f}" for m in metrics)
         style = f'stroke="{color}" stroke-width="2" fill="none" stroke-dasharray="{dash}"'
         svg.append(f'<polyline id="{name}" {style} points="{points}"/>')
-        svg.append(f'<path d="M{right - 130},{top + 20 + 16 * row} h24" {style}/>')
-        svg.append(f'<text x="{right - 100}" y="{top + 24 + 16 * row}">{name}</text>')
-    svg.append(f'<text x="{(left + right) / 2}" y="{h - 12}" text-anchor="middle">optimizer step</text>')
-    svg.append(f'<text x="{(left + right) / 2}" y="{top - 26}" text-anchor="middle" fill="gray">tokens seen</text>')
-    svg.append(f'<text x="14" y="{(top + bottom) / 2}" transform="rotate(-90 14 {(top + bottom) / 2})" '
-               'text-anchor="middle">loss</text></svg>\n')
-    return "\n".join(svg)
+        svg.append(f'<path d="M{right - 130},{top + 20 + 16 * row} h24" {style}/>')  # the legend
+        svg.append(_text(right - 100, top + 24 + 16 * row, name, anchor="start"))
+    return "\n".join(svg) + "\n</svg>\n"
 
 # ---------------------------------------------------------------- responses
-def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=32, **sampling) -> list:
-    """Each entry's answer (greedy unless sampling says otherwise): the text of the new tokens only."""
+def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=32, **sampling):
+    """Each entry's answer (greedy, unless sampling says otherwise): the new tokens' text only."""
     prompts = [enc.encode_ordinary(format_prompt(e, style)) for e in entries]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch well
     answers = [""] * len(prompts)
     for k in range(0, len(order), batch_size):
         chunk = order[k:k + batch_size]
-        new_ids = generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_id=EOT, **sampling)
-        for i, ids in zip(chunk, new_ids):
+        batch = [prompts[i] for i in chunk]
+        for i, ids in zip(chunk, generate(model, batch, max_new_tokens, eos_id=EOT, **sampling)):
             answers[i] = enc.decode(ids).strip()  # back in the entries' order
     return answers
 
@@ -421,7 +441,7 @@ def load_run(out: str, device: str):
     """The trained model and the settings of a run folder written by train."""
     path = os.path.join(out, "run.json")
     if not os.path.exists(path):
-        raise ValueError(f"{out}: holds no trained run (no run.json); train one with: python sft.py train --out {out}")
+        raise ValueError(f"{out}: holds no trained run (no run.json); train one with --out {out}")
     settings = read_json(path)
     if not isinstance(settings, dict):
         raise ValueError(f"{path}: not a JSON object of training settings")
@@ -452,13 +472,15 @@ def judge_file(path: str, model: str, key: str, url, timeout):
             raise ValueError(f"{path}: entry {i} has no string {key!r}; pick the field with --key")
     asked = [e for e in entries if e[key].strip()]  # an empty response scores 0 without asking
     marker = STYLES["alpaca"][2]
-    prompts = [judge.judge_prompt(format_prompt(e).removesuffix(marker), e["output"], e[key]) for e in asked]
+    prompts = [format_prompt(e).removesuffix(marker) for e in asked]  # the book asks without it
+    prompts = [judge.judge_prompt(p, e["output"], e[key]) for p, e in zip(prompts, asked)]
     stem = path.removesuffix(".json")
     scores = iter(judge.score_all(prompts, stem + "-scores.jsonl", model, url, timeout))
     entries = [{**e, "score": next(scores) if e[key].strip() else 0} for e in entries]
     result = judge.summary([e["score"] for e in entries], model)
     write_text(stem + "-scores.json", json.dumps({**result, "entries": entries}, indent=2))
-    print(f"Average score: {result['average'] or 0:.2f} ({result['scored']} of {result['total']} scored)")
+    average = result["average"] or 0
+    print(f"Average score: {average:.2f} ({result['scored']} of {result['total']} scored)")
 
 def judge_command(a):
     judge_file(a.file, a.judge, a.key, a.url, a.timeout)
@@ -476,10 +498,12 @@ def eval_command(a):
     started = time.time()
     responses = respond(model, test, tokenizer(), cfg.style)
     path = os.path.join(a.out, "instruction-data-with-response.json")
-    write_text(path, json.dumps([{**e, "model_response": r} for e, r in zip(test, responses)], indent=2))
+    answered = [{**e, "model_response": r} for e, r in zip(test, responses)]
+    write_text(path, json.dumps(answered, indent=2))
     log(f"{len(test)} test responses in {time.time() - started:.1f}s -> {path}")
-    for e, r in list(zip(test, responses))[:3]:  # as the book shows them
-        log(f"\n{e['instruction']}\n\nCorrect response:\n>> {e['output']}\n\nModel response:\n>> {r}\n{'-' * 40}")
+    for e in answered[:3]:  # as the book shows them
+        log(f"\n{e['instruction']}\n\nCorrect response:\n>> {e['output']}\n\n"
+            f"Model response:\n>> {e['model_response']}\n{'-' * 40}")
     empty = sum(not r.strip() for r in responses)
     if empty:
         log(f"warning: {empty} of {len(responses)} responses are empty; they score 0")
@@ -492,15 +516,15 @@ def log(message):  # progress and notes go to stderr; answers and scores to stdo
     print(message, file=sys.stderr, flush=True)
 
 def run_cli(command, *args):
-    """Run a command: a user error or Ctrl-C is one line on stderr and a non-zero exit, never a traceback."""
+    """Run a command: a user error or Ctrl-C is one line on stderr and a non-zero exit."""
     try:
         command(*args)
     except (ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message held
     except torch.OutOfMemoryError:
-        sys.exit("error: out of memory: lower --batch-size (raise --grad-accum to keep the effective batch)")
+        sys.exit("error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)")
     except KeyboardInterrupt as e:
-        sys.exit(f"interrupted: {str(e) or 'the files written so far are whole; nothing half-written was left'}")
+        sys.exit(f"interrupted: {str(e) or 'the files written so far are whole'}")
 
 # ---------------------------------------------------------------- command line
 ENVIRONMENT = """environment:
@@ -510,11 +534,11 @@ ENVIRONMENT = """environment:
   OLLAMA_HOST          the judge's server (default http://localhost:11434)"""
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Instruction finetuning of GPT-2 (chapter 7 of Build a LLM "
-                                 "From Scratch).", epilog=ENVIRONMENT, formatter_class=argparse.RawTextHelpFormatter)
+    layout = {"epilog": ENVIRONMENT, "formatter_class": argparse.RawTextHelpFormatter}
+    about = "Instruction finetuning of GPT-2 (Build a Large Language Model From Scratch, ch. 7)."
+    ap = argparse.ArgumentParser(description=about, **layout)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="finetune a model into a run folder", epilog=ENVIRONMENT,
-                        formatter_class=argparse.RawTextHelpFormatter)
+    tr = sub.add_parser("train", help="finetune a model into a run folder", **layout)
     for f in fields(TrainConfig):  # one flag per field: --batch-size fills batch_size
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -525,26 +549,27 @@ def main(argv=None):
             text += f" (default {f.default})"
         choices = list(STYLES) if f.name == "style" else None
         tr.add_argument(flag, type=f.type, default=f.default, choices=choices, help=text)
-    ev = sub.add_parser("eval", help="answer the test split, then score the answers with an Ollama judge")
-    ju = sub.add_parser("judge", help="score a responses file (the book's format) with an Ollama judge")
+    ev = sub.add_parser("eval", help="answer the test split, then score the answers with a judge")
+    ju = sub.add_parser("judge", help="score a responses file (the book's format) with a judge")
     ju.add_argument("file", help="a JSON list of entries with the response under --key")
     ju.add_argument("--key", default="model_response", help="the field holding the response")
     for p in (ev, ju):
-        p.add_argument("--judge", default=judge.JUDGE, help="the Ollama model that scores (default llama3)")
-        p.add_argument("--url", help="the Ollama server (default $OLLAMA_HOST, else http://localhost:11434)")
-        p.add_argument("--timeout", type=float, default=judge.TIMEOUT, help="seconds for one whole reply")
-    ge = sub.add_parser("generate", help="answer one instruction with a trained run (the answer on stdout)")
+        p.add_argument("--judge", default=judge.JUDGE, help="the Ollama model that scores (llama3)")
+        p.add_argument("--url", help="the Ollama server (default $OLLAMA_HOST or localhost:11434)")
+        p.add_argument("--timeout", type=float, default=judge.TIMEOUT, help="seconds for one reply")
+    ge = sub.add_parser("generate", help="answer one instruction with a trained run, on stdout")
     ge.add_argument("instruction", help="the instruction to answer")
     ge.add_argument("--input", default="", help="the instruction's input, if any")
-    ge.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
-    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); higher: more random")
-    ge.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    ge.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
+    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sample")
+    ge.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
     for p in (ev, ge):
         p.add_argument("--out", default="runs/gpt2-medium", help="a run folder written by train")
-        p.add_argument("--device", default="auto", help="auto (cuda if there is one, else cpu), cpu, cuda")
+        p.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda")
     a = ap.parse_args(argv)
     if a.cmd == "train":
-        run_cli(lambda: train(TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})))
+        settings = {f.name: getattr(a, f.name) for f in fields(TrainConfig)}
+        run_cli(lambda: train(TrainConfig(**settings)))
         return
     commands = {"eval": eval_command, "generate": generate_command, "judge": judge_command}
     run_cli(commands[a.cmd], a)
