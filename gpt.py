@@ -355,19 +355,9 @@ def save_pretrained(model: GPT, out_dir: str):
     write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2))
 
 # ---------------------------------------------------------------- generation
-def _next_token(logits, temperature: float, top_k):
-    """(B, vocab) -> (B,): greedy at temperature 0, else a sample of the top_k likeliest."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-        logits[logits < kth] = -math.inf
-    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
-
 @torch.no_grad()
-def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None, temperature=0.0, top_k=None):
-    """Continue prompts (id lists of any lengths) in one KV-cached batch; new ids only, no eos."""
+def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None) -> list:
+    """Greedy continuations of prompts (id lists, any lengths) in one KV-cached batch: new ids only."""
     c = model.config
     device = model.wte.weight.device
     prompts = [p[-(c.n_positions - 1):] for p in prompts]  # an over-long prompt keeps its newest
@@ -390,7 +380,7 @@ def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None, temperature=
         # (B, T, start+T): causal, no padding; a pad query sees itself, so no row is all -inf
         mask = ((key <= query) & real[:, None, :start + T]) | (key == query)
         logits = model(x, pos[:, start:start + T], mask[:, None], cache, start, last_only=True)
-        token = _next_token(logits[:, -1], temperature, top_k)
+        token = logits[:, -1].argmax(-1)  # greedy, as the book's chapter 7
         out.append(token)
         done |= token == eos_id
         if done.all():

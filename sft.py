@@ -425,15 +425,15 @@ def loss_svg(metrics, steps_per_epoch: int, w=720, h=420) -> str:
     return "\n".join(svg) + "\n</svg>\n"
 
 # ---------------------------------------------------------------- responses
-def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=32, **sampling):
-    """Each entry's answer (greedy, unless sampling says otherwise): the new tokens' text only."""
+def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=32) -> list:
+    """Each entry's greedy answer: the text of the new tokens only."""
     prompts = [enc.encode_ordinary(format_prompt(e, style)) for e in entries]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch well
     answers = [""] * len(prompts)
     for k in range(0, len(order), batch_size):
         chunk = order[k:k + batch_size]
         batch = [prompts[i] for i in chunk]
-        for i, ids in zip(chunk, generate(model, batch, max_new_tokens, eos_id=EOT, **sampling)):
+        for i, ids in zip(chunk, generate(model, batch, max_new_tokens, eos_id=EOT)):
             answers[i] = enc.decode(ids).strip()  # back in the entries' order
     return answers
 
@@ -461,8 +461,7 @@ def generate_command(a):
         raise ValueError(f"--max-new-tokens must be at least 1, not {a.max_new_tokens}")
     model, cfg = load_run(a.out, a.device)
     entry = {"instruction": a.instruction, "input": a.input}
-    sampling = {"temperature": a.temperature, "top_k": a.top_k}
-    print(respond(model, [entry], tokenizer(), cfg.style, a.max_new_tokens, **sampling)[0])
+    print(respond(model, [entry], tokenizer(), cfg.style, a.max_new_tokens)[0])
 
 def judge_file(path: str, model: str, key: str, url, timeout):
     """Score every entry's response; X-scores.json beside X.json holds each entry with its score."""
@@ -561,8 +560,6 @@ def main(argv=None):
     ge.add_argument("instruction", help="the instruction to answer")
     ge.add_argument("--input", default="", help="the instruction's input, if any")
     ge.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
-    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sample")
-    ge.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
     for p in (ev, ge):
         p.add_argument("--out", default="runs/gpt2-medium", help="a run folder written by train")
         p.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda")
