@@ -53,7 +53,7 @@ def bench_training(peak, steps=6, batch=8):
     for i, (x, y) in enumerate(batches):
         if i == 1:
             t0 = time.perf_counter()  # the first step warms up
-        sft.backward(model, [(x, y)], dev)
+        sft.loss_and_backward(model, [(x, y)], dev)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i:
@@ -110,7 +110,7 @@ def bench_loading(tmp):
 def bench_train_command(tmp, model, label, **kw):
     """Whole `train` wall time against the time inside optimizer steps (backward() + AdamW.step)."""
     inside = [0.0]
-    backward, step = sft.backward, torch.optim.AdamW.step
+    backward, step = sft.loss_and_backward, torch.optim.AdamW.step
     def timed(fn):
         def wrapper(*a, **k):
             t0 = time.perf_counter()
@@ -119,13 +119,13 @@ def bench_train_command(tmp, model, label, **kw):
             finally:
                 inside[0] += time.perf_counter() - t0
         return wrapper
-    sft.backward, torch.optim.AdamW.step = timed(backward), timed(step)
+    sft.loss_and_backward, torch.optim.AdamW.step = timed(backward), timed(step)
     try:
         t0 = time.perf_counter()
         sft.train(sft.TrainConfig(model=model, data=DATA, out=str(tmp / "run"), **kw))
         total = time.perf_counter() - t0
     finally:
-        sft.backward, torch.optim.AdamW.step = backward, step
+        sft.loss_and_backward, torch.optim.AdamW.step = backward, step
     row(f"train {label}: share outside optimizer steps", f"{1 - inside[0] / total:.1%}", f"{total:.0f}s in all")
 
 

@@ -6,6 +6,7 @@ import pytest
 import judge
 import sft
 from conftest import FIXTURE, ollama
+from test_cli import run
 
 # The three sample judge replies of chapter 7 (abridged to their scoring sentences and first reasons).
 BOOK_REPLIES = [
@@ -28,13 +29,7 @@ def responses_file(tmp_path, responses):
 
 def cli(capsys, *argv):
     """python sft.py judge ... in-process; returns (exit code, stdout, stderr)."""
-    try:
-        sft.main(["judge", *map(str, argv)])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run(capsys, "judge", *argv)
 
 
 def test_request_carries_the_model_the_books_prompt_and_the_options(tmp_path, capsys):
