@@ -139,10 +139,10 @@ class TrainConfig:
     lr: float = opt(None, "AdamW learning rate (default: the book's 5e-5; 1e-3 for tiny)")
     weight_decay: float = opt(0.1, "AdamW weight decay")
     max_length: int = opt(1024, "cut rows to this many tokens (and to the model's context)")
-    lora_rank: int = opt(0, "train adapters of this rank, not all weights (exercise 7.4; 0: off)")
+    lora_rank: int = opt(0, "LoRA: train rank-r adapters only (exercise 7.4; default 0: off)")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: updates are (alpha / rank) * B A")
     eval_every: int = opt(5, "optimizer steps between loss reports")
-    limit: int = opt(0, "keep only the first N entries before the split (0: all)")
+    limit: int = opt(0, "keep only the first N entries before the split (default 0: all)")
     seed: int = opt(123, "seed for the batch order and the tiny model")
     device: str = opt("auto", "auto (cuda if there is one, else cpu), cpu, cuda, cuda:1, mps")
 
@@ -514,14 +514,20 @@ def eval_command(a):
 def log(message):  # progress and notes go to stderr; answers and scores to stdout
     print(message, file=sys.stderr, flush=True)
 
+OUT_OF_MEMORY = "error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)"
+
 def run_cli(command, *args):
     """Run a command: a user error or Ctrl-C is one line on stderr and a non-zero exit."""
     try:
         command(*args)
     except (ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message held
-    except torch.OutOfMemoryError:
-        sys.exit("error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)")
+    except (torch.OutOfMemoryError, MemoryError):  # a GPU's; the CPU allocator's is below
+        sys.exit(OUT_OF_MEMORY)
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):
+            raise
+        sys.exit(OUT_OF_MEMORY)
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted: {str(e) or 'the files written so far are whole'}")
 

@@ -257,9 +257,11 @@ def test_retraining_replaces_the_run_folder_as_a_whole(tmp_path, capsys, small_d
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o640  # the umask is honoured
 
 
-def test_out_of_memory_is_one_line_with_the_fix(tmp_path, capsys, small_data, monkeypatch):
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")])
+def test_out_of_memory_is_one_line_with_the_fix(tmp_path, capsys, small_data, monkeypatch, error):
     def no_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error
     monkeypatch.setattr(sft, "loss_and_backward", no_memory)
     code, _, _ = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", tmp_path / "run")
     assert code == "error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)"
