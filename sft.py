@@ -151,6 +151,7 @@ class TrainConfig:
             self.lr = 1e-3 if self.model == "tiny" else 5e-5  # tiny starts from random weights
         if self.out is None:
             self.out = os.path.join("runs", os.path.basename(self.model.rstrip("/")))
+        self.out = os.path.normpath(self.out)  # "runs/x/" is "runs/x": its .lock and swap go beside it
         for f in fields(self):  # argparse gives the right types; a hand-edited run.json may not
             value = getattr(self, f.name)
             kinds = (int, float) if f.type is float else (f.type,)
@@ -265,10 +266,14 @@ def claim_out(out: str):
         raise ValueError(f"another training is writing {out}; wait, or pick another --out")
     return lock
 
+def beside(out: str, suffix: str) -> str:
+    """A hidden sibling of the run folder: runs/.x.saving for runs/x."""
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{suffix}")
+
 def save_run(model, cfg, metrics: list, steps_per_epoch: int, epoch: int):
     """Write the whole run into a new folder, then swap it in: --out never mixes two runs' files."""
-    staging = cfg.out + ".saving"
-    old = cfg.out + ".old"
+    staging = beside(cfg.out, "saving")
+    old = beside(cfg.out, "old")
     for leftover in (staging, old):  # from a save that was killed
         shutil.rmtree(leftover, ignore_errors=True)
     if cfg.lora_rank:  # a copy with the adapters folded in (a plain GPT-2); training goes on
@@ -311,8 +316,8 @@ def train(cfg: TrainConfig):
 
 def what_was_kept(out: str) -> str:
     """After Ctrl-C: undo a swap cut between its renames; say which epoch the run folder holds."""
-    if not os.path.exists(out) and os.path.exists(out + ".old"):
-        os.rename(out + ".old", out)
+    if not os.path.exists(out) and os.path.exists(beside(out, "old")):
+        os.rename(beside(out, "old"), out)
     if not os.path.exists(os.path.join(out, "run.json")):
         return "no epoch finished; nothing was saved"
     return f"{out} holds epoch {read_json(os.path.join(out, 'run.json'))['epochs_done']}"
@@ -506,10 +511,13 @@ def eval_command(a):
     empty = sum(not r.strip() for r in responses)
     if empty:
         log(f"warning: {empty} of {len(responses)} responses are empty; they score 0")
+    later = f"the responses are saved: score them with python sft.py judge {path}"
     if judge_problem:
-        raise ValueError(f"{judge_problem}; the responses are saved: score them later with "
-                         f"python sft.py judge {path}")
-    judge_file(path, a.judge, "model_response", a.url, a.timeout)
+        raise ValueError(f"{judge_problem}; {later}")
+    try:
+        judge_file(path, a.judge, "model_response", a.url, a.timeout)
+    except ValueError as e:  # the scores so far are kept: the same command asks only the rest
+        raise ValueError(f"{e}; {later}") from None
 
 def log(message):  # progress and notes go to stderr; answers and scores to stdout
     print(message, file=sys.stderr, flush=True)

@@ -255,6 +255,8 @@ def test_retraining_replaces_the_run_folder_as_a_whole(tmp_path, capsys, small_d
     assert sorted(os.listdir(out)) == ["config.json", "loss.svg", "metrics.jsonl", "model.safetensors", "run.json"]
     assert sorted(os.listdir(tmp_path)) == ["d.json", "run", "run.lock"]  # no staging or old folder left
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o640  # the umask is honoured
+    assert run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", f"{out}/", "--epochs", 1)[0] == 0
+    assert sorted(os.listdir(tmp_path)) == ["d.json", "run", "run.lock"]  # "run/" is the same folder
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
@@ -286,7 +288,20 @@ def test_ctrl_c_while_torch_is_importing_is_one_line(tmp_path):
 
 def test_a_swap_cut_between_its_renames_is_undone_on_ctrl_c(tmp_path):
     out = tmp_path / "run"
-    (tmp_path / "run.old").mkdir()  # save_run renamed the old run away, then the signal came
-    (tmp_path / "run.old" / "run.json").write_text(json.dumps({"epochs_done": 3}))
+    (tmp_path / ".run.old").mkdir()  # save_run renamed the old run away, then the signal came
+    (tmp_path / ".run.old" / "run.json").write_text(json.dumps({"epochs_done": 3}))
     assert sft.what_was_kept(str(out)) == f"{out} holds epoch 3"
-    assert (out / "run.json").exists() and not (tmp_path / "run.old").exists()
+    assert (out / "run.json").exists() and not (tmp_path / ".run.old").exists()
+
+
+def test_eval_whose_judge_fails_midway_keeps_its_scores_and_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    out = fake_run(tmp_path, [(f"Question {i}?", "", "Answer.") for i in range(30)])  # 3 test entries
+    url, bodies = ollama(replies=["70"], fail_from=2)
+    monkeypatch.setenv("OLLAMA_HOST", url)
+    code, _, _ = run(capsys, "eval", "--out", out)
+    path = out / "instruction-data-with-response.json"
+    assert "HTTP 500" in code and f"score them with python sft.py judge {path}" in code
+    url, bodies = ollama(replies=["90"])
+    code, stdout, _ = run(capsys, "judge", path, "--url", url)
+    asked = [r for r in json.loads(path.read_text()) if r["model_response"].strip()]
+    assert code == 0 and len(bodies) == len(asked) - 1  # the first score was kept
