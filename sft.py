@@ -151,7 +151,7 @@ class TrainConfig:
             self.lr = 1e-3 if self.model == "tiny" else 5e-5  # tiny starts from random weights
         if self.out is None:
             self.out = os.path.join("runs", os.path.basename(self.model.rstrip("/")))
-        self.out = os.path.normpath(self.out)  # "runs/x/" is "runs/x": its .lock and swap go beside it
+        self.out = os.path.normpath(self.out)  # "runs/x/" is "runs/x": its lock and swap go beside
         for f in fields(self):  # argparse gives the right types; a hand-edited run.json may not
             value = getattr(self, f.name)
             kinds = (int, float) if f.type is float else (f.type,)
@@ -322,6 +322,13 @@ def what_was_kept(out: str) -> str:
         return "no epoch finished; nothing was saved"
     return f"{out} holds epoch {read_json(os.path.join(out, 'run.json'))['epochs_done']}"
 
+def report(model, rows, cfg, device, train_loss: float, **point) -> dict:
+    """One point of the curves: the train loss given, the validation loss measured on rows."""
+    val_loss = mean_loss(model, rows, cfg, device)
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # never NaN in metrics
+        raise ValueError(f"training diverged (loss {train_loss}, step {point['step']}): lower --lr")
+    return dict(**point, train_loss=train_loss, val_loss=val_loss)
+
 def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
     """Shuffled batches, the last partial one dropped (as the book); reports every eval_every."""
     rows_per_step = cfg.batch_size * cfg.grad_accum
@@ -334,12 +341,11 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
     log(f"training: lr {cfg.lr:g}, effective batch {batch_text}, {steps} steps; validation on "
         f"all {len(val_rows)} rows at start and end, the first {len(subset)} at each report{masked}")
     started = time.time()
-    train_loss = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)  # the first batch
-    val_loss = mean_loss(model, val_rows, cfg, device)
+    first_batch = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)
+    start = dict(step=0, epoch=0, tokens=0, seconds=0.0)
+    metrics = [report(model, val_rows, cfg, device, first_batch, **start)]
     tail = time.time() - started  # the final full validation costs about this much again
-    first = dict(step=0, epoch=0, tokens=0, train_loss=train_loss, val_loss=val_loss, seconds=0.0)
-    metrics = [first]
-    log(f"initial loss: train {train_loss:.3f}, validation {val_loss:.3f}")
+    log(f"initial loss: train {first_batch:.3f}, validation {metrics[0]['val_loss']:.3f}")
     shuffle = torch.Generator().manual_seed(cfg.seed)
     running_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
     running_count = 0
@@ -361,21 +367,20 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
         if step % cfg.eval_every == 0 or step == steps:
             rows = val_rows if step == steps else subset
             seconds = time.time() - started
-            train_loss = running_loss.item() / running_count
-            val_loss = mean_loss(model, rows, cfg, device)
-            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # never NaN in metrics
-                raise ValueError(f"training diverged (loss {train_loss}, step {step}): lower --lr")
-            metrics.append(dict(step=step, epoch=epoch, tokens=tokens, train_loss=train_loss,
-                                val_loss=val_loss, seconds=round(seconds, 2)))
+            train_loss = running_loss.item() / running_count  # the mean since the last report
+            metrics.append(report(model, rows, cfg, device, train_loss, step=step, epoch=epoch,
+                                  tokens=tokens, seconds=round(seconds, 2)))
             running_loss.zero_()
             running_count = 0
             to_go = seconds / step * (steps - step) + tail
+            val_loss = metrics[-1]["val_loss"]
             log(f"epoch {epoch} step {step}/{steps}: train {train_loss:.3f}, validation "
                 f"{val_loss:.3f} ({len(rows)} rows), {tokens / seconds:,.0f} tokens/s, "
                 f"{seconds:.0f}s elapsed, {to_go:.0f}s to go")
         if i == steps_per_epoch - 1:
             end_epoch(epoch, metrics, steps_per_epoch)
-    log(f"trained {steps} steps in {time.time() - started:.1f}s; validation loss {val_loss:.3f}")
+    seconds = time.time() - started
+    log(f"trained {steps} steps in {seconds:.1f}s; validation loss {metrics[-1]['val_loss']:.3f}")
     return metrics
 
 def _ticks(lo: float, hi: float) -> list:
