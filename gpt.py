@@ -271,7 +271,7 @@ def download(url: str, dest: str, check):
         reason = "not found" if e.code in (401, 404) else f"HTTP {e.code} {e.reason}"
         raise ValueError(f"{url}: {reason}") from None
     except HTTP_ERRORS as e:
-        reason = " ".join(str(getattr(e, "reason", e)).split())  # one line, even from a junk server
+        reason = getattr(e, "reason", e)
         raise ValueError(f"cannot download {url} ({reason}): check the network") from None
 
     def check_download(tmp):

@@ -305,3 +305,11 @@ def test_eval_whose_judge_fails_midway_keeps_its_scores_and_says_how_to_go_on(tm
     code, stdout, _ = run(capsys, "judge", path, "--url", url)
     asked = [r for r in json.loads(path.read_text()) if r["model_response"].strip()]
     assert code == 0 and len(bodies) == len(asked) - 1  # the first score was kept
+
+
+def test_a_message_with_line_breaks_still_ends_as_one_line():
+    def fails():
+        raise ValueError("cannot download http://x (SSH-2.0-OpenSSH_9.2\r\n): check the network")
+    with pytest.raises(SystemExit) as e:
+        sft.run_cli(fails)
+    assert e.value.code == "error: cannot download http://x (SSH-2.0-OpenSSH_9.2 ): check the network"

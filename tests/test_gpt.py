@@ -243,7 +243,7 @@ BROKEN_DOWNLOADS = {
     "chunked body cut short": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + WEIGHTS[:100],
                                "broke off"),
     "an HTML page": (ok(b"<html>Please log in</html>"), "sent something else than the file .*not a valid safetensors"),
-    "not an HTTP server": (b"SSH-2.0-OpenSSH_9.2\r\n", "cannot download .*check the network"),
+    "not an HTTP server": (b"SSH-2.0-OpenSSH_9.2\r\n", "(?s)cannot download .*check the network"),
 }
 
 
