@@ -250,6 +250,15 @@ def prepare_rows(cfg, model, enc):
                          f"the {len(train_rows)} training entries")
     return train_rows, val_rows, val_e
 
+def beside(out: str, suffix: str) -> str:
+    """A hidden sibling of the run folder: runs/.x.saving for runs/x."""
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{suffix}")
+
+def restore(out: str):
+    """Undo a save cut between its two renames (Ctrl-C, a kill): the previous run comes back."""
+    if not os.path.exists(out) and os.path.exists(beside(out, "old")):
+        os.rename(beside(out, "old"), out)
+
 def claim_out(out: str):
     """Check that --out can be written, and lock it against a second training; returns the lock."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -264,11 +273,8 @@ def claim_out(out: str):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go when the process ends
     except OSError:
         raise ValueError(f"another training is writing {out}; wait, or pick another --out")
+    restore(out)
     return lock
-
-def beside(out: str, suffix: str) -> str:
-    """A hidden sibling of the run folder: runs/.x.saving for runs/x."""
-    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{suffix}")
 
 def save_run(model, cfg, metrics: list, steps_per_epoch: int, epoch: int):
     """Write the whole run into a new folder, then swap it in: --out never mixes two runs' files."""
@@ -315,9 +321,8 @@ def train(cfg: TrainConfig):
     lock.close()
 
 def what_was_kept(out: str) -> str:
-    """After Ctrl-C: undo a swap cut between its renames; say which epoch the run folder holds."""
-    if not os.path.exists(out) and os.path.exists(beside(out, "old")):
-        os.rename(beside(out, "old"), out)
+    """After Ctrl-C: which epoch the run folder holds."""
+    restore(out)
     if not os.path.exists(os.path.join(out, "run.json")):
         return "no epoch finished; nothing was saved"
     return f"{out} holds epoch {read_json(os.path.join(out, 'run.json'))['epochs_done']}"
@@ -449,6 +454,7 @@ def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=
 
 def load_run(out: str, device: str):
     """The trained model and the settings of a run folder written by train."""
+    restore(out)
     path = os.path.join(out, "run.json")
     if not os.path.exists(path):
         raise ValueError(f"{out}: holds no trained run (no run.json); train one with --out {out}")

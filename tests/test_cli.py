@@ -313,3 +313,10 @@ def test_a_message_with_line_breaks_still_ends_as_one_line():
     with pytest.raises(SystemExit) as e:
         sft.run_cli(fails)
     assert e.value.code == "error: cannot download http://x (SSH-2.0-OpenSSH_9.2 ): check the network"
+
+
+def test_a_run_folder_left_between_the_renames_of_a_killed_save_is_restored(tmp_path, capsys):
+    out = fake_run(tmp_path, MEMO)
+    out.rename(tmp_path / ".run.old")  # as after SIGKILL between save_run's two renames
+    code, stdout, _ = run(capsys, "generate", "--out", out, "hi", "--max-new-tokens", 3)
+    assert code == 0 and stdout and (out / "run.json").exists()
