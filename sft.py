@@ -27,6 +27,9 @@ STYLES = {  # (instruction, input when non-empty, response marker)
     "phi3": ("<|user|>\n{instruction}", "\n{input}", "\n<|assistant|>\n"),
 }
 
+def log(message):  # progress and notes go to stderr; answers and scores to stdout
+    print(message, file=sys.stderr, flush=True)
+
 # ---------------------------------------------------------------- data
 def read_json(path: str):
     """A JSON file; errors name the file and the line."""
@@ -250,83 +253,6 @@ def prepare_rows(cfg, model, enc):
                          f"the {len(train_rows)} training entries")
     return train_rows, val_rows, val_e
 
-def beside(out: str, suffix: str) -> str:
-    """A hidden sibling of the run folder: runs/.x.saving for runs/x."""
-    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{suffix}")
-
-def restore(out: str):
-    """Undo a save cut between its two renames (Ctrl-C, a kill): the previous run comes back."""
-    if not os.path.exists(out) and os.path.exists(beside(out, "old")):
-        os.rename(beside(out, "old"), out)
-
-def claim_out(out: str):
-    """Check that --out can be written, and lock it against a second training; returns the lock."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file, not a run folder; pick another --out")
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        lock = open(f"{out}.lock", "w")  # beside the folder, which save_run swaps
-    except OSError as e:
-        raise ValueError(f"cannot write the run folder {out} ({e.strerror}); pick another --out")
-    try:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go when the process ends
-    except OSError:
-        raise ValueError(f"another training is writing {out}; wait, or pick another --out")
-    restore(out)
-    return lock
-
-def save_run(model, cfg, metrics: list, steps_per_epoch: int, epoch: int):
-    """Write the whole run into a new folder, then swap it in: --out never mixes two runs' files."""
-    staging = beside(cfg.out, "saving")
-    old = beside(cfg.out, "old")
-    for leftover in (staging, old):  # from a save that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
-    if cfg.lora_rank:  # a copy with the adapters folded in (a plain GPT-2); training goes on
-        model = merge_lora(copy.deepcopy(model))
-    save_pretrained(model, staging)
-    settings = {**asdict(cfg), "epochs_done": epoch}
-    lines = "".join(json.dumps(m) + "\n" for m in metrics)
-    write_text(os.path.join(staging, "metrics.jsonl"), lines)
-    write_text(os.path.join(staging, "loss.svg"), loss_svg(metrics, steps_per_epoch))
-    write_text(os.path.join(staging, "run.json"), json.dumps(settings, indent=2))
-    if os.path.exists(cfg.out):
-        os.rename(cfg.out, old)  # the previous run goes as a whole, its responses and scores too
-    os.rename(staging, cfg.out)
-    shutil.rmtree(old, ignore_errors=True)
-
-def train(cfg: TrainConfig):
-    lock = claim_out(cfg.out)  # first: an unwritable --out must not cost a training
-    enc = tokenizer()
-    device = pick_device(cfg.device)
-    model = load_model(cfg.model, cfg.seed).to(device)
-    train_rows, val_rows, val_e = prepare_rows(cfg, model, enc)
-    if cfg.lora_rank:
-        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in model.parameters())
-    log(f"model: {cfg.model} on {device}, {trainable:,} trainable of {total:,} parameters")
-    fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-
-    def end_epoch(epoch, metrics, steps_per_epoch):
-        answer = respond(model, val_e[:1], enc, cfg.style, 50)[0]  # as the book, after each epoch
-        log(f"epoch {epoch} sample response to {val_e[0]['instruction']!r}: {answer!r}")
-        save_run(model, cfg, metrics, steps_per_epoch, epoch)
-    try:
-        run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(what_was_kept(cfg.out)) from None
-    lock.close()
-
-def what_was_kept(out: str) -> str:
-    """After Ctrl-C: which epoch the run folder holds."""
-    restore(out)
-    if not os.path.exists(os.path.join(out, "run.json")):
-        return "no epoch finished; nothing was saved"
-    return f"{out} holds epoch {read_json(os.path.join(out, 'run.json'))['epochs_done']}"
-
 def report(model, rows, cfg, device, train_loss: float, **point) -> dict:
     """One point of the curves: the train loss given, the validation loss measured on rows."""
     val_loss = mean_loss(model, rows, cfg, device)
@@ -439,6 +365,83 @@ def loss_svg(metrics, steps_per_epoch: int, w=720, h=420) -> str:
         svg.append(_text(right - 100, top + 24 + 16 * row, name, anchor="start"))
     return "\n".join(svg) + "\n</svg>\n"
 
+def beside(out: str, suffix: str) -> str:
+    """A hidden sibling of the run folder: runs/.x.saving for runs/x."""
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{suffix}")
+
+def restore(out: str):
+    """Undo a save cut between its two renames (Ctrl-C, a kill): the previous run comes back."""
+    if not os.path.exists(out) and os.path.exists(beside(out, "old")):
+        os.rename(beside(out, "old"), out)
+
+def claim_out(out: str):
+    """Check that --out can be written, and lock it against a second training; returns the lock."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a run folder; pick another --out")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        lock = open(f"{out}.lock", "w")  # beside the folder, which save_run swaps
+    except OSError as e:
+        raise ValueError(f"cannot write the run folder {out} ({e.strerror}); pick another --out")
+    try:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go when the process ends
+    except OSError:
+        raise ValueError(f"another training is writing {out}; wait, or pick another --out")
+    restore(out)
+    return lock
+
+def save_run(model, cfg, metrics: list, steps_per_epoch: int, epoch: int):
+    """Write the whole run into a new folder, then swap it in: --out never mixes two runs' files."""
+    staging = beside(cfg.out, "saving")
+    old = beside(cfg.out, "old")
+    for leftover in (staging, old):  # from a save that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    if cfg.lora_rank:  # a copy with the adapters folded in (a plain GPT-2); training goes on
+        model = merge_lora(copy.deepcopy(model))
+    save_pretrained(model, staging)
+    settings = {**asdict(cfg), "epochs_done": epoch}
+    lines = "".join(json.dumps(m) + "\n" for m in metrics)
+    write_text(os.path.join(staging, "metrics.jsonl"), lines)
+    write_text(os.path.join(staging, "loss.svg"), loss_svg(metrics, steps_per_epoch))
+    write_text(os.path.join(staging, "run.json"), json.dumps(settings, indent=2))
+    if os.path.exists(cfg.out):
+        os.rename(cfg.out, old)  # the previous run goes as a whole, its responses and scores too
+    os.rename(staging, cfg.out)
+    shutil.rmtree(old, ignore_errors=True)
+
+def what_was_kept(out: str) -> str:
+    """After Ctrl-C: which epoch the run folder holds."""
+    restore(out)
+    if not os.path.exists(os.path.join(out, "run.json")):
+        return "no epoch finished; nothing was saved"
+    return f"{out} holds epoch {read_json(os.path.join(out, 'run.json'))['epochs_done']}"
+
+def train(cfg: TrainConfig):
+    lock = claim_out(cfg.out)  # first: an unwritable --out must not cost a training
+    enc = tokenizer()
+    device = pick_device(cfg.device)
+    model = load_model(cfg.model, cfg.seed).to(device)
+    train_rows, val_rows, val_e = prepare_rows(cfg, model, enc)
+    if cfg.lora_rank:
+        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"model: {cfg.model} on {device}, {trainable:,} trainable of {total:,} parameters")
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+    def end_epoch(epoch, metrics, steps_per_epoch):
+        answer = respond(model, val_e[:1], enc, cfg.style, 50)[0]  # as the book, after each epoch
+        log(f"epoch {epoch} sample response to {val_e[0]['instruction']!r}: {answer!r}")
+        save_run(model, cfg, metrics, steps_per_epoch, epoch)
+    try:
+        run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(what_was_kept(cfg.out)) from None
+    lock.close()
+
 # ---------------------------------------------------------------- responses
 def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=32) -> list:
     """Each entry's greedy answer: the text of the new tokens only."""
@@ -529,9 +532,6 @@ def eval_command(a):
         judge_file(path, a.judge, "model_response", a.url, a.timeout)
     except ValueError as e:  # the scores so far are kept: the same command asks only the rest
         raise ValueError(f"{e}; {later}") from None
-
-def log(message):  # progress and notes go to stderr; answers and scores to stdout
-    print(message, file=sys.stderr, flush=True)
 
 OUT_OF_MEMORY = "error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)"
 
