@@ -88,10 +88,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.scale = alpha / rank
-        device = base.weight.device
-        a = torch.randn(rank, base.in_features, device=device) / base.in_features ** 0.5
-        self.A = nn.Parameter(a)
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))  # starts at 0
+        self.A = nn.Parameter(torch.randn(rank, base.in_features) / base.in_features ** 0.5)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank))  # starts at 0: no change yet
 
     def forward(self, x):  # through the rank-r bottleneck: no gradient work for the frozen weight
         return self.base(x) + (x @ self.A.t()) @ self.B.t() * self.scale
@@ -106,7 +104,7 @@ def _swap_linears(model: GPT, swap):
             setattr(module, name, swap(child))
 
 def add_lora(model: GPT, rank: int, alpha: float) -> GPT:
-    """Freeze every weight and wrap each Linear of the blocks in a LoRALinear."""
+    """Freeze every weight and wrap each Linear of the blocks in a LoRALinear (on the CPU)."""
     model.requires_grad_(False)
     _swap_linears(model, lambda m: LoRALinear(m, rank, alpha) if isinstance(m, nn.Linear) else m)
     return model
@@ -121,8 +119,11 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool}
 
-def _is_size(x) -> bool:
-    return type(x) is int and 0 <= x < 2**63  # fits torch's int64 sizes; True and 4.0 do not count
+def _sizes(x, count=None) -> bool:
+    """Is x a list of count integers that fit torch's int64 sizes? True and 4.0 do not count."""
+    if not isinstance(x, list) or count not in (None, len(x)):
+        return False
+    return all(type(n) is int and 0 <= n < 2**63 for n in x)
 
 def _not_json(word):
     raise ValueError(f"{word} is not a JSON value")
@@ -139,24 +140,19 @@ def _entries(header, data_size: int) -> list:
     for name, info in header.items():
         info = info if isinstance(info, dict) else {}
         dtype = info.get("dtype")
-        shape = info.get("shape")
         offsets = info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise ValueError(f"tensor {name} has an unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(map(_is_size, shape)):
-            raise ValueError(f"tensor {name}: shape {shape!r} is not a list of integers >= 0")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_size, offsets)):
-            raise ValueError(f"tensor {name}: data_offsets {offsets!r} is not two integers >= 0")
-        entries.append((*offsets, name, dtype, shape))
+        known = isinstance(dtype, str) and dtype in DTYPES
+        if not (known and _sizes(info.get("shape")) and _sizes(offsets, 2)):
+            raise ValueError(f"tensor {name}: needs a known dtype, a shape of integers >= 0 "
+                             "and two integer data_offsets >= 0")
+        entries.append((*offsets, name, dtype, info["shape"]))
     entries.sort()
     end = 0  # the tensors must tile the data: from 0, no hole, no overlap, each its shape's size
     for begin, stop, name, dtype, shape in entries:
-        if begin != end:
-            gap = "overlapping" if begin < end else "leaving a hole after"
-            raise ValueError(f"tensor {name} starts at {begin}, {gap} the data before ({end})")
         need = math.prod(shape) * DTYPES[dtype].itemsize
-        if stop - begin != need:
-            raise ValueError(f"tensor {name} spans {stop - begin} bytes; {dtype} {shape} needs {need}")
+        if begin != end or stop - begin != need:
+            raise ValueError(f"tensor {name} spans bytes {begin} to {stop}; after the tensors "
+                             f"before it, {dtype} {shape} needs {end} to {end + need}")
         end = stop
     if end != data_size:
         raise ValueError(f"the tensors cover {end} bytes of data, but the file has {data_size}")
@@ -167,10 +163,8 @@ def _read_header(f, size: int) -> tuple:
     if size < 8:
         raise ValueError(f"truncated: {size} bytes, shorter than the 8-byte header length")
     n = int.from_bytes(f.read(8), "little")
-    if n > 100_000_000:
-        raise ValueError(f"a header of {n} bytes is over the 100 MB limit")
-    if 8 + n > size:
-        raise ValueError(f"a header of {n} bytes runs past the end of the {size}-byte file")
+    if n > 100_000_000 or 8 + n > size:
+        raise ValueError(f"a header of {n} bytes: over 100 MB, or past the end of the {size}-byte file")
     try:  # the format's JSON has no NaN or Infinity, and is UTF-8
         header = json.loads(f.read(n).decode("utf-8"), parse_constant=_not_json)
     except json.JSONDecodeError as e:
@@ -263,22 +257,22 @@ def _copy_body(response, f, url: str):
     if total is not None and f.tell() != int(total):  # http.client ends a short body quietly
         raise ValueError(f"the download of {url} stopped at {f.tell()} of {total} bytes; try again")
 
-def download(url: str, dest: str, check):
+def download(url: str, dest: str, check, hint: str):
     """Fetch url into dest, whole and valid (check(path) raises ValueError), or not at all."""
     try:
         response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)  # follows redirects
     except urllib.error.HTTPError as e:
         reason = "not found" if e.code in (401, 404) else f"HTTP {e.code} {e.reason}"
-        raise ValueError(f"{url}: {reason}") from None
+        raise ValueError(f"{url}: {reason}; {hint}") from None
     except HTTP_ERRORS as e:
         reason = getattr(e, "reason", e)
-        raise ValueError(f"cannot download {url} ({reason}): check the network") from None
+        raise ValueError(f"cannot download {url} ({reason}): check the network; {hint}") from None
 
     def check_download(tmp):
         try:
             check(tmp)
         except ValueError as e:  # a proxy's login page, say
-            raise ValueError(f"{url} sent something else than the file ({e})") from None
+            raise ValueError(f"{url} sent something else than the file ({e}); {hint}") from None
     with response:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         _atomic_write(dest, lambda f: _copy_body(response, f, url), check_download)
@@ -293,14 +287,9 @@ def read_config(path) -> GPTConfig:
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable JSON config ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    try:
         return GPTConfig(**{f.name: raw[f.name] for f in fields(GPTConfig) if f.name in raw})
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    except (OSError, ValueError, TypeError) as e:  # TypeError: not a JSON object
+        raise ValueError(f"{path}: not a readable GPT-2 config ({e})") from None
 
 def _load_folder(folder: str) -> GPT:
     config = read_config(os.path.join(folder, "config.json"))
@@ -313,13 +302,11 @@ def _load_folder(folder: str) -> GPT:
         state[k] = v.t() if k.endswith(CONV1D) else v  # Conv1D weights are stored (in, out)
     with torch.device("meta"):
         model = GPT(config)  # no memory yet: the file's tensors are assigned below
-    wanted = {k: tuple(p.shape) for k, p in model.state_dict().items()}
-    for k in sorted(wanted.keys() | state.keys()):
-        if k not in state or k not in wanted:
-            raise ValueError(f"{path}: tensor {k}: {'missing' if k not in state else 'unexpected'}")
-        if tuple(state[k].shape) != wanted[k]:
-            shape = tuple(state[k].shape)
-            raise ValueError(f"{path}: tensor {k}: shape {shape}, config says {wanted[k]}")
+    for k, p in model.state_dict().items():
+        if k not in state:
+            raise ValueError(f"{path}: tensor {k}: missing")
+        if state[k].shape != p.shape:
+            raise ValueError(f"{path}: tensor {k}: shape {tuple(state[k].shape)}, config says {tuple(p.shape)}")
     model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)  # F32 stays mapped
     return model
 
@@ -332,14 +319,10 @@ def from_pretrained(name: str) -> GPT:
         raise ValueError(f"model {name}: no such folder, and not a Hugging Face repo name owner/name")
     folder = cache_dir(repo)
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    hint = "--model takes a GPT-2 repo (gpt2-medium, owner/name) or a local folder; HF_ENDPOINT a mirror"
     for file, check in (("config.json", read_config), ("model.safetensors", read_safetensors)):
-        dest = os.path.join(folder, file)
-        if not os.path.exists(dest):  # a file is there only when whole and checked
-            try:
-                download(f"{endpoint}/{repo}/resolve/main/{file}", dest, check)
-            except ValueError as e:
-                raise ValueError(f"{e}; --model takes a GPT-2 repo (gpt2-medium, owner/name) "
-                                 "or a local folder, and HF_ENDPOINT sets a mirror") from None
+        if not os.path.exists(os.path.join(folder, file)):  # a file is there only when whole and checked
+            download(f"{endpoint}/{repo}/resolve/main/{file}", os.path.join(folder, file), check, hint)
     try:
         return _load_folder(folder)
     except ValueError as e:  # spoiled after its download was checked

@@ -21,9 +21,7 @@ def server(url=None) -> str:
     if "://" not in url:
         url = "http://" + url
     parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if parts.port is None:
-        netloc += ":11434"
+    netloc = parts.netloc if parts.port else parts.netloc + ":11434"
     return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
 
 def _open(url: str, path: str, body=None, model=JUDGE, timeout=10):
@@ -39,18 +37,15 @@ def _open(url: str, path: str, body=None, model=JUDGE, timeout=10):
         except (ValueError, TypeError, KeyError):
             pass
         if e.code == 404 and "not found" in str(detail):
-            raise ValueError(f"judge model {model} is not on the Ollama server at {url}: "
-                             f"pull it with `ollama pull {model}`") from None
+            raise ValueError(f"Ollama at {url} has no model {model}: run `ollama pull {model}`") from None
         raise ValueError(f"Ollama at {url} answered HTTP {e.code}: {detail}") from None
     except (*NETWORK_ERRORS, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise ValueError(f"cannot reach Ollama at {url} ({reason}): start it with `ollama serve` "
-                         "(from https://ollama.com), or point OLLAMA_HOST / --url at it") from None
+        raise ValueError(f"cannot reach Ollama at {url} ({getattr(e, 'reason', e)}): start it with "
+                         "`ollama serve` (https://ollama.com), or point OLLAMA_HOST / --url at it") from None
 
 def preflight(model=JUDGE, url=None):
-    """Is a server there, and is the judge model pulled? Answers in a second, before any scoring."""
+    """Is a server there, with the judge model pulled? Answers in a second, before any scoring."""
     url = server(url)
-    _open(url, "/api/version", model=model).close()
     with _open(url, "/api/tags", model=model) as r:
         raw = r.read()
     try:
@@ -58,9 +53,7 @@ def preflight(model=JUDGE, url=None):
     except (ValueError, TypeError, KeyError):
         raise ValueError(f"Ollama at {url}: /api/tags sent no list of models") from None
     if model not in names and f"{model}:latest" not in names:
-        pulled = ", ".join(sorted(map(str, names))) or "none"
-        raise ValueError(f"judge model {model} is not pulled on the Ollama server at {url} "
-                         f"(it has {pulled}): run `ollama pull {model}`")
+        raise ValueError(f"Ollama at {url} has no model {model}: run `ollama pull {model}`")
 
 # ---------------------------------------------------------------- parse
 def _reply_part(line: bytes, url: str) -> tuple:
@@ -96,34 +89,29 @@ def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
                     if done:
                         return text
     except NETWORK_ERRORS as e:  # a stall, or a reply that would not end
-        raise ValueError(f"Ollama at {url} did not finish a reply within {timeout}s ({e}); a cold "
-                         "model load can take a minute: try again, or raise --timeout") from None
+        raise ValueError(f"Ollama at {url} did not finish a reply within {timeout}s ({e}); "
+                         "a cold model load can take a minute: try again, or raise --timeout") from None
     raise ValueError(f"Ollama at {url} cut a reply off before its last (done) line; try again")
 
 NUMBER = r"(-?\d+(?:\.\d+)?)(?!\w|\.\d)"  # 85, 8.5, -5; not the 1 of 1e3
 SCALE = re.compile(r"\b[01]\s*(?:to|-|–)\s*100\b", re.IGNORECASE)  # "0 to 100": the scale
 FRACTION = re.compile(NUMBER + r"\s*(?:/|out of)\s*(\d+)\b", re.IGNORECASE)  # 85/100, 8 out of 10
 AFTER_WORD = re.compile(r"\b(?:score|rating|rate|give)\D{0,30}?" + NUMBER, re.IGNORECASE)
+LEADING = re.compile(r"\s*" + NUMBER)
 
 def parse_score(reply: str):
-    """The 0-100 score in a judge's reply, else None. In this order: a reply that is only a number;
-    a number before "/N" or "out of N", scaled (8/10 is 80); the number after score, rating, rate
-    or give; the number the reply starts with; its only number. "0 to 100" is the scale, never a
-    score; below 0 or over 100 is None."""
+    """The 0-100 score in a judge's reply, else None. In this order: a number before "/N" or
+    "out of N", scaled (8/10 is 80); the number after score, rating, rate or give; the number
+    the reply starts with; its only number. "0 to 100" is the scale, never a score; below 0 or
+    over 100 is None."""
     text = SCALE.sub(" ", reply)
-    bare = re.fullmatch(r"\s*" + NUMBER + r"\s*\.?\s*", text)
     fraction = FRACTION.search(text)
-    after_word = AFTER_WORD.search(text)
-    leading = re.match(r"\s*" + NUMBER, text)
+    match = AFTER_WORD.search(text) or LEADING.match(text)
     numbers = re.findall(r"(?<![\w.])" + NUMBER, text)
-    if bare:
-        score = float(bare.group(1))
-    elif fraction and float(fraction.group(2)) > 0:
-        score = float(fraction.group(1)) * 100 / float(fraction.group(2))
-    elif after_word:
-        score = float(after_word.group(1))
-    elif leading:
-        score = float(leading.group(1))
+    if fraction and int(fraction.group(2)) > 0:
+        score = float(fraction.group(1)) * 100 / int(fraction.group(2))
+    elif match:
+        score = float(match.group(1))
     elif len(numbers) == 1:
         score = float(numbers[0])
     else:
@@ -133,20 +121,9 @@ def parse_score(reply: str):
     return int(score) if score.is_integer() else score
 
 # ---------------------------------------------------------------- aggregate
-def read_journal(f) -> dict:
-    """{key: score} from a journal of JSON lines; a line cut short by a kill is asked again."""
-    scores = {}
-    for line in f:
-        try:
-            record = json.loads(line)
-            scores[record["key"]] = record["score"]
-        except (ValueError, TypeError, KeyError):
-            continue
-    return scores
-
 def score_all(prompts: list, journal: str, model=JUDGE, url=None, timeout=TIMEOUT) -> list:
-    """Each prompt's score (None: unparseable), appended to journal as it comes, so a rerun
-    asks only what is missing. A key is the judge and the prompt, which holds the response."""
+    """Each prompt's score (None: unparseable), appended to journal as it comes, so a rerun asks
+    only what is missing. A key is the judge and the prompt, which holds the response."""
     keys = [hashlib.sha1(f"{model}\n{p}".encode()).hexdigest()[:16] for p in prompts]
     try:
         f = open(journal, "a+", encoding="utf-8")  # first: an unwritable folder fails before asking
@@ -154,7 +131,13 @@ def score_all(prompts: list, journal: str, model=JUDGE, url=None, timeout=TIMEOU
         raise ValueError(f"cannot write {journal}: {e.strerror or e}") from None
     with f:
         f.seek(0)
-        known = read_journal(f)
+        known = {}
+        for line in f:
+            try:  # a line cut short by a kill is asked again
+                record = json.loads(line)
+                known[record["key"]] = record["score"]
+            except (ValueError, TypeError, KeyError):
+                pass
         if any(k not in known for k in keys):
             preflight(model, url)
         for i, (key, prompt) in enumerate(zip(keys, prompts)):

@@ -3,11 +3,10 @@ import argparse, copy, hashlib, json, math, os, shutil, sys, time
 from dataclasses import asdict, dataclass, field, fields
 import judge
 try:  # torch takes seconds to import: Ctrl-C meanwhile is one line too
-    from gpt import GPT, GPTConfig, add_lora, cache_dir, download, from_pretrained, generate
-    from gpt import merge_lora, save_pretrained, write_text
     import tiktoken
     import torch
     import torch.nn.functional as F
+    import gpt
 except KeyboardInterrupt:
     sys.exit("interrupted")
 try:
@@ -39,8 +38,7 @@ def read_json(path: str):
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     except json.JSONDecodeError as e:
-        where = f"line {e.lineno}, column {e.colno}"
-        raise ValueError(f"{path}: malformed JSON at {where}: {e.msg}") from None
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except RecursionError:
         raise ValueError(f"{path}: the JSON is nested too deeply") from None
 
@@ -53,24 +51,20 @@ def read_entries(path: str) -> list:
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: entry {i} is a {type(entry).__name__}, not an object")
         for key in ("instruction", "input", "output"):
-            if key not in entry and key != "input":  # input is the only optional key
-                raise ValueError(f"{path}: entry {i}: {key!r} is missing")
-            if key in entry and not isinstance(entry[key], str):
-                kind = type(entry[key]).__name__
-                raise ValueError(f"{path}: entry {i}: {key!r} must be a string, not {kind}")
+            value = entry.get(key, "" if key == "input" else None)  # input is the only optional key
+            if not isinstance(value, str):
+                raise ValueError(f"{path}: entry {i}: {key!r} is missing or not a string")
     return data
 
 def load_entries(source: str = DATA) -> list:
     """Entries from a path, or from a URL downloaded once into the cache (checked first)."""
-    if not source.startswith(("http://", "https://")):
-        return read_entries(source)
-    path = os.path.join(cache_dir("data"), hashlib.sha1(source.encode()).hexdigest()[:16] + ".json")
-    if not os.path.exists(path):
-        try:
-            download(source, path, read_entries)
-        except ValueError as e:
-            raise ValueError(f"{e}; check the URL, or pass a local file with --data PATH") from None
-    return read_entries(path)
+    if source.startswith(("http://", "https://")):
+        name = hashlib.sha1(source.encode()).hexdigest()[:16] + ".json"
+        path = os.path.join(gpt.cache_dir("data"), name)
+        if not os.path.exists(path):
+            gpt.download(source, path, read_entries, "check the URL, or pass a local file with --data")
+        source = path
+    return read_entries(source)
 
 def format_prompt(entry: dict, style: str = "alpaca") -> str:
     """The prompt up to the response marker: training appends the output, inference generates it."""
@@ -160,12 +154,10 @@ class TrainConfig:
             kinds = (int, float) if f.type is float else (f.type,)
             if type(value) not in kinds:
                 raise ValueError(f"{f.name} must be of type {f.type.__name__}, not {value!r}")
-            flag = "--" + f.name.replace("_", "-")
-            at_least_zero = f.name in ("weight_decay", "lora_rank", "lora_alpha", "limit")
-            if f.type in (int, float) and not at_least_zero and not 0 < value < math.inf:
-                raise ValueError(f"{flag} must be a positive number, not {value}")
-            if at_least_zero and not 0 <= value < math.inf:
-                raise ValueError(f"{flag} must be a number >= 0, not {value}")
+            zero_is_off = f.name in ("weight_decay", "lora_rank", "lora_alpha", "limit")
+            if f.type in (int, float) and not (0 < value < math.inf or (zero_is_off and value == 0)):
+                lowest = ">= 0" if zero_is_off else "positive"
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a {lowest} number, not {value}")
         if self.style not in STYLES:
             raise ValueError(f"--style {self.style}: not one of {', '.join(STYLES)}")
         for name in ("data", "model"):  # absolute, so eval and generate work from any folder
@@ -183,15 +175,15 @@ def pick_device(name: str) -> torch.device:
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls where there is a GPU
     return device
 
-def load_model(name: str, seed: int = 0) -> GPT:
+def load_model(name: str, seed: int = 0) -> gpt.GPT:
     """tiny: a random small GPT-2 with the GPT-2 vocabulary; anything else: from_pretrained."""
     torch.manual_seed(seed)
     if name == "tiny":
-        return GPT(GPTConfig(n_embd=128, n_layer=4, n_head=4))
-    model = from_pretrained(name)
-    if model.config.vocab_size <= EOT:
-        have = model.config.vocab_size
-        raise ValueError(f"model {name} has {have} tokens; the GPT-2 tokenizer needs {EOT + 1}")
+        return gpt.GPT(gpt.GPTConfig(n_embd=128, n_layer=4, n_head=4))
+    model = gpt.from_pretrained(name)
+    vocab = model.config.vocab_size
+    if vocab <= EOT:
+        raise ValueError(f"model {name} has {vocab} tokens; the GPT-2 tokenizer needs {EOT + 1}")
     return model
 
 def loss_sum(model, inputs, targets, device):
@@ -229,11 +221,6 @@ def mean_loss(model, rows, cfg, device) -> float:
         count += int((targets != IGNORE).sum())
     return total / max(count, 1)
 
-def keeps_a_target(ids, prompt_len, cfg) -> bool:
-    """Does the row keep a target after --max-length (and --mask-prompt)?"""
-    first = prompt_len - 1 if cfg.mask_prompt else 0  # the column of the first target
-    return first < min(len(ids), cfg.max_length)
-
 def prepare_rows(cfg, model, enc):
     """The train and validation rows, checked: each split keeps targets; a step has its rows."""
     train_e, val_e, test_e = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)
@@ -244,13 +231,13 @@ def prepare_rows(cfg, model, enc):
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
         f"{cut} cut to --max-length {cfg.max_length}")
     for name, rows in (("training", train_rows), ("validation", val_rows)):
-        if not any(keeps_a_target(ids, prompt_len, cfg) for ids, prompt_len in rows):
+        # a row keeps a target when its first target column is inside the kept columns
+        firsts = [prompt_len - 1 if cfg.mask_prompt else 0 for _, prompt_len in rows]
+        if all(first >= min(len(ids), cfg.max_length) for first, (ids, _) in zip(firsts, rows)):
             raise ValueError(f"no {name} row keeps a response token within --max-length "
                              f"{cfg.max_length} (--mask-prompt masks prompts); raise --max-length")
-    rows_per_step = cfg.batch_size * cfg.grad_accum
-    if len(train_rows) < rows_per_step:
-        raise ValueError(f"--batch-size x --grad-accum = {rows_per_step} is more than "
-                         f"the {len(train_rows)} training entries")
+    if len(train_rows) < cfg.batch_size * cfg.grad_accum:
+        raise ValueError(f"--batch-size x --grad-accum is more than the {len(train_rows)} training rows")
     return train_rows, val_rows, val_e
 
 def report(model, rows, cfg, device, train_loss: float, **point) -> dict:
@@ -268,13 +255,12 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
     # the same validation rows at each report, as many as make one epoch's reports one pass
     subset = val_rows[:math.ceil(len(val_rows) / max(steps_per_epoch // cfg.eval_every, 1))]
     masked = "; losses cover the responses only" if cfg.mask_prompt else ""
-    batch_text = f"{rows_per_step} ({cfg.batch_size} x {cfg.grad_accum})"
-    log(f"training: lr {cfg.lr:g}, effective batch {batch_text}, {steps} steps; validation on "
-        f"all {len(val_rows)} rows at start and end, the first {len(subset)} at each report{masked}")
+    log(f"training: lr {cfg.lr:g}, effective batch {rows_per_step} ({cfg.batch_size} x "
+        f"{cfg.grad_accum}), {steps} steps; validation on all {len(val_rows)} rows at start and "
+        f"end, the first {len(subset)} at each report{masked}")
     started = time.time()
     first_batch = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)
-    start = dict(step=0, epoch=0, tokens=0, seconds=0.0)
-    metrics = [report(model, val_rows, cfg, device, first_batch, **start)]
+    metrics = [report(model, val_rows, cfg, device, first_batch, step=0, epoch=0, tokens=0, seconds=0)]
     tail = time.time() - started  # the final full validation costs about this much again
     log(f"initial loss: train {first_batch:.3f}, validation {metrics[0]['val_loss']:.3f}")
     shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -288,8 +274,7 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
         if i == 0:
             order = torch.randperm(len(train_rows), generator=shuffle).tolist()
         batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
-        micro_batches = list(batches(batch, cfg))  # grad_accum of them
-        loss, count = loss_and_backward(model, micro_batches, device)
+        loss, count = loss_and_backward(model, list(batches(batch, cfg)), device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         running_loss += loss
@@ -297,23 +282,21 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
         tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
         if step % cfg.eval_every == 0 or step == steps:
             rows = val_rows if step == steps else subset
-            seconds = time.time() - started
+            seconds = round(time.time() - started, 2)
             train_loss = running_loss.item() / running_count  # the mean since the last report
             metrics.append(report(model, rows, cfg, device, train_loss, step=step, epoch=epoch,
-                                  tokens=tokens, seconds=round(seconds, 2)))
+                                  tokens=tokens, seconds=seconds))
             running_loss.zero_()
             running_count = 0
             to_go = seconds / step * (steps - step) + tail
-            val_loss = metrics[-1]["val_loss"]
             log(f"epoch {epoch} step {step}/{steps}: train {train_loss:.3f}, validation "
-                f"{val_loss:.3f} ({len(rows)} rows), {tokens / seconds:,.0f} tokens/s, "
-                f"{seconds:.0f}s elapsed, {to_go:.0f}s to go")
+                f"{metrics[-1]['val_loss']:.3f} ({len(rows)} rows), {tokens / seconds:,.0f} "
+                f"tokens/s, {seconds:.0f}s elapsed, {to_go:.0f}s to go")
         if i == steps_per_epoch - 1:
             end_epoch(epoch, metrics, steps_per_epoch)
-    seconds = time.time() - started
-    log(f"trained {steps} steps in {seconds:.1f}s; validation loss {metrics[-1]['val_loss']:.3f}")
     return metrics
 
+# ---------------------------------------------------------------- the loss plot
 def _ticks(lo: float, hi: float) -> list:
     """Round numbers from lo to hi, 4 to 10 of them."""
     step = 10 ** math.floor(math.log10(max(hi - lo, 1e-9) / 4))
@@ -365,6 +348,7 @@ def loss_svg(metrics, steps_per_epoch: int, w=720, h=420) -> str:
         svg.append(_text(right - 100, top + 24 + 16 * row, name, anchor="start"))
     return "\n".join(svg) + "\n</svg>\n"
 
+# ---------------------------------------------------------------- the run folder
 def beside(out: str, suffix: str) -> str:
     """A hidden sibling of the run folder: runs/.x.saving for runs/x."""
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{suffix}")
@@ -398,13 +382,13 @@ def save_run(model, cfg, metrics: list, steps_per_epoch: int, epoch: int):
     for leftover in (staging, old):  # from a save that was killed
         shutil.rmtree(leftover, ignore_errors=True)
     if cfg.lora_rank:  # a copy with the adapters folded in (a plain GPT-2); training goes on
-        model = merge_lora(copy.deepcopy(model))
-    save_pretrained(model, staging)
-    settings = {**asdict(cfg), "epochs_done": epoch}
+        model = gpt.merge_lora(copy.deepcopy(model))
+    gpt.save_pretrained(model, staging)
     lines = "".join(json.dumps(m) + "\n" for m in metrics)
-    write_text(os.path.join(staging, "metrics.jsonl"), lines)
-    write_text(os.path.join(staging, "loss.svg"), loss_svg(metrics, steps_per_epoch))
-    write_text(os.path.join(staging, "run.json"), json.dumps(settings, indent=2))
+    gpt.write_text(os.path.join(staging, "metrics.jsonl"), lines)
+    gpt.write_text(os.path.join(staging, "loss.svg"), loss_svg(metrics, steps_per_epoch))
+    settings = {**asdict(cfg), "epochs_done": epoch}
+    gpt.write_text(os.path.join(staging, "run.json"), json.dumps(settings, indent=2))
     if os.path.exists(cfg.out):
         os.rename(cfg.out, old)  # the previous run goes as a whole, its responses and scores too
     os.rename(staging, cfg.out)
@@ -421,10 +405,11 @@ def train(cfg: TrainConfig):
     lock = claim_out(cfg.out)  # first: an unwritable --out must not cost a training
     enc = tokenizer()
     device = pick_device(cfg.device)
-    model = load_model(cfg.model, cfg.seed).to(device)
+    model = load_model(cfg.model, cfg.seed)
     train_rows, val_rows, val_e = prepare_rows(cfg, model, enc)
     if cfg.lora_rank:
-        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        model = gpt.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
@@ -437,12 +422,13 @@ def train(cfg: TrainConfig):
         log(f"epoch {epoch} sample response to {val_e[0]['instruction']!r}: {answer!r}")
         save_run(model, cfg, metrics, steps_per_epoch, epoch)
     try:
-        run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch)
+        metrics = run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(what_was_kept(cfg.out)) from None
+    log(f"trained in {metrics[-1]['seconds']:.1f}s; validation loss {metrics[-1]['val_loss']:.3f}")
     lock.close()
 
-# ---------------------------------------------------------------- responses
+# ---------------------------------------------------------------- responses and commands
 def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=32) -> list:
     """Each entry's greedy answer: the text of the new tokens only."""
     prompts = [enc.encode_ordinary(format_prompt(e, style)) for e in entries]
@@ -451,7 +437,7 @@ def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=
     for k in range(0, len(order), batch_size):
         chunk = order[k:k + batch_size]
         batch = [prompts[i] for i in chunk]
-        for i, ids in zip(chunk, generate(model, batch, max_new_tokens, eos_id=EOT)):
+        for i, ids in zip(chunk, gpt.generate(model, batch, max_new_tokens, eos_id=EOT)):
             answers[i] = enc.decode(ids).strip()  # back in the entries' order
     return answers
 
@@ -462,16 +448,11 @@ def load_run(out: str, device: str):
     if not os.path.exists(path):
         raise ValueError(f"{out}: holds no trained run (no run.json); train one with --out {out}")
     settings = read_json(path)
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path}: not a JSON object of training settings")
-    settings.pop("epochs_done", None)
-    unknown = settings.keys() - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"{path}: unknown setting {sorted(unknown)[0]!r}")
     try:
+        settings.pop("epochs_done", None)
         cfg = TrainConfig(**settings)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    except (AttributeError, TypeError, ValueError) as e:  # not an object, an unknown key, a bad value
+        raise ValueError(f"{path}: not the training settings train writes ({e})") from None
     return load_model(out).to(pick_device(device)), cfg
 
 def generate_command(a):
@@ -482,8 +463,10 @@ def generate_command(a):
     entry = {"instruction": a.instruction, "input": a.input}
     print(respond(model, [entry], tokenizer(), cfg.style, a.max_new_tokens)[0])
 
-def judge_file(path: str, model: str, key: str, url, timeout):
+def judge_command(a, path=None):
     """Score every entry's response; X-scores.json beside X.json holds each entry with its score."""
+    path = path or a.file
+    key = getattr(a, "key", "model_response")
     entries = read_entries(path)
     for i, e in enumerate(entries):
         if not isinstance(e.get(key), str):
@@ -493,15 +476,11 @@ def judge_file(path: str, model: str, key: str, url, timeout):
     prompts = [format_prompt(e).removesuffix(marker) for e in asked]  # the book asks without it
     prompts = [judge.judge_prompt(p, e["output"], e[key]) for p, e in zip(prompts, asked)]
     stem = path.removesuffix(".json")
-    scores = iter(judge.score_all(prompts, stem + "-scores.jsonl", model, url, timeout))
+    scores = iter(judge.score_all(prompts, stem + "-scores.jsonl", a.judge, a.url, a.timeout))
     entries = [{**e, "score": next(scores) if e[key].strip() else 0} for e in entries]
-    result = judge.summary([e["score"] for e in entries], model)
-    write_text(stem + "-scores.json", json.dumps({**result, "entries": entries}, indent=2))
-    average = result["average"] or 0
-    print(f"Average score: {average:.2f} ({result['scored']} of {result['total']} scored)")
-
-def judge_command(a):
-    judge_file(a.file, a.judge, a.key, a.url, a.timeout)
+    result = judge.summary([e["score"] for e in entries], a.judge)
+    gpt.write_text(stem + "-scores.json", json.dumps({**result, "entries": entries}, indent=2))
+    print(f"Average score: {result['average'] or 0:.2f} ({result['scored']} of {result['total']} scored)")
 
 def eval_command(a):
     """eval: the test split's responses, saved, then scored by the judge (checked first)."""
@@ -510,14 +489,14 @@ def eval_command(a):
     try:
         judge.preflight(a.judge, a.url)
     except ValueError as e:  # said now, not after the responses
-        judge_problem = str(e)
+        judge_problem = e
         log(f"warning: {e}; the responses will still be generated and saved")
     test = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)[2]
     started = time.time()
     responses = respond(model, test, tokenizer(), cfg.style)
     path = os.path.join(a.out, "instruction-data-with-response.json")
     answered = [{**e, "model_response": r} for e, r in zip(test, responses)]
-    write_text(path, json.dumps(answered, indent=2))
+    gpt.write_text(path, json.dumps(answered, indent=2))
     log(f"{len(test)} test responses in {time.time() - started:.1f}s -> {path}")
     for e in answered[:3]:  # as the book shows them
         log(f"\n{e['instruction']}\n\nCorrect response:\n>> {e['output']}\n\n"
@@ -525,15 +504,12 @@ def eval_command(a):
     empty = sum(not r.strip() for r in responses)
     if empty:
         log(f"warning: {empty} of {len(responses)} responses are empty; they score 0")
-    later = f"the responses are saved: score them with python sft.py judge {path}"
-    if judge_problem:
-        raise ValueError(f"{judge_problem}; {later}")
     try:
-        judge_file(path, a.judge, "model_response", a.url, a.timeout)
+        if judge_problem:
+            raise judge_problem
+        judge_command(a, path)
     except ValueError as e:  # the scores so far are kept: the same command asks only the rest
-        raise ValueError(f"{e}; {later}") from None
-
-OUT_OF_MEMORY = "error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)"
+        raise ValueError(f"{e}; the responses are saved: score them with python sft.py judge {path}")
 
 def run_cli(command, *args):
     """Run a command: a user error or Ctrl-C is one line on stderr and a non-zero exit."""
@@ -541,12 +517,11 @@ def run_cli(command, *args):
         command(*args)
     except (ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message held
-    except (torch.OutOfMemoryError, MemoryError):  # a GPU's; the CPU allocator's is below
-        sys.exit(OUT_OF_MEMORY)
-    except RuntimeError as e:
-        if "can't allocate memory" not in str(e):
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        oom = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+        if not oom:  # the CPU allocator's message above; anything else is a bug to see whole
             raise
-        sys.exit(OUT_OF_MEMORY)
+        sys.exit("error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)")
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted: {str(e) or 'the files written so far are whole'}")
 
@@ -565,10 +540,10 @@ def main(argv=None):
     tr = sub.add_parser("train", help="finetune a model into a run folder", **layout)
     for f in fields(TrainConfig):  # one flag per field: --batch-size fills batch_size
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            tr.add_argument(flag, action="store_true", help=f.metadata["help"])
-            continue
         text = f.metadata["help"]
+        if f.type is bool:
+            tr.add_argument(flag, action="store_true", help=text)
+            continue
         if f.default is not None and "default" not in text:
             text += f" (default {f.default})"
         choices = list(STYLES) if f.name == "style" else None

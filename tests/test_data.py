@@ -125,8 +125,8 @@ BAD = {
     "missing file": (None, r"nope\.json: cannot read \(No such file"),
     "malformed JSON": ('[{"instruction": "a",\n "output": }]', r"malformed JSON at line 2, column 12"),
     "not a list": ('{"instruction": "a", "output": "b"}', r"expected a JSON list of entries, found a dict"),
-    "entry without output": ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', r"entry 1: 'output' is missing"),
-    "non-string field": ('[{"instruction": "a", "input": 3, "output": "b"}]', r"entry 0: 'input' must be a string, not int"),
+    "entry without output": ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', r"entry 1: 'output' is missing or not a string"),
+    "non-string field": ('[{"instruction": "a", "input": 3, "output": "b"}]', r"entry 0: 'input' is missing or not a string"),
     "entry not an object": ('[{"instruction": "a", "output": "b"}, "hi"]', r"entry 1 is a str"),
 }
 

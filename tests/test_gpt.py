@@ -105,22 +105,22 @@ def raw_file(tmp_path, header, data=b"", n=None):
 F4 = {"dtype": "F32", "shape": [1]}
 BAD_FILES = {
     "truncated": (b"", b"", None, "truncated"),
-    "header length past the end": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 4, 500, "runs past the end"),
-    "header over 100 MB": (b"{}", b"", 200_000_000, "over the 100 MB limit"),
+    "header length past the end": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 4, 500, "past the end"),
+    "header over 100 MB": (b"{}", b"", 200_000_000, "over 100 MB"),
     "not JSON": (b"{nope", b"", None, "not JSON"),
-    "overlapping": ({"a": {**F4, "data_offsets": [0, 4]}, "b": {**F4, "data_offsets": [2, 6]}}, b"\0" * 6, None, "overlapping"),
-    "hole": ({"a": {**F4, "data_offsets": [0, 4]}, "b": {**F4, "data_offsets": [8, 12]}}, b"\0" * 12, None, "hole"),
-    "size mismatch": ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 12"),
-    "unknown dtype": ({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0", None, "unknown dtype"),
-    "shape not numbers": ({"a": {"dtype": "F32", "shape": "abc", "data_offsets": [0, 4]}}, b"\0" * 4, None, "not a list of integers"),
-    "float dim": ({"a": {"dtype": "F32", "shape": [4.5], "data_offsets": [0, 16]}}, b"\0" * 16, None, "integers >= 0"),
-    "bool dim": ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, None, "integers >= 0"),
+    "overlapping": ({"a": {**F4, "data_offsets": [0, 4]}, "b": {**F4, "data_offsets": [2, 6]}}, b"\0" * 6, None, "b spans bytes 2 to 6; .* needs 4 to 8"),
+    "hole": ({"a": {**F4, "data_offsets": [0, 4]}, "b": {**F4, "data_offsets": [8, 12]}}, b"\0" * 12, None, "b spans bytes 8 to 12; .* needs 4 to 8"),
+    "size mismatch": ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 0 to 12"),
+    "unknown dtype": ({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0", None, "needs a known dtype"),
+    "shape not numbers": ({"a": {"dtype": "F32", "shape": "abc", "data_offsets": [0, 4]}}, b"\0" * 4, None, "a shape of integers >= 0"),
+    "float dim": ({"a": {"dtype": "F32", "shape": [4.5], "data_offsets": [0, 16]}}, b"\0" * 16, None, "a shape of integers >= 0"),
+    "bool dim": ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, None, "a shape of integers >= 0"),
     "Infinity dim": (b'{"a":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,4]}}', b"\0" * 4, None, "Infinity is not"),
-    "negative dim": ({"a": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "integers >= 0"),
-    "dim past 2**63": ({"a": {"dtype": "F32", "shape": [2**64, 0], "data_offsets": [0, 0]}}, b"", None, "integers >= 0"),
-    "list as dtype": ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "unknown dtype"),
-    "three offsets": ({"a": {**F4, "data_offsets": [0, 4, 8]}}, b"\0" * 4, None, "not two integers"),
-    "string offsets": ({"a": {**F4, "data_offsets": ["0", "4"]}}, b"\0" * 4, None, "not two integers"),
+    "negative dim": ({"a": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "a shape of integers >= 0"),
+    "dim past 2**63": ({"a": {"dtype": "F32", "shape": [2**64, 0], "data_offsets": [0, 0]}}, b"", None, "a shape of integers >= 0"),
+    "list as dtype": ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "needs a known dtype"),
+    "three offsets": ({"a": {**F4, "data_offsets": [0, 4, 8]}}, b"\0" * 4, None, "two integer data_offsets"),
+    "string offsets": ({"a": {**F4, "data_offsets": ["0", "4"]}}, b"\0" * 4, None, "two integer data_offsets"),
     "metadata not strings": ({"__metadata__": {"v": 1}, "a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 4, None,
                              "__metadata__ is not an object of strings"),
     "NaN literal": (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":NaN}}', b"\0" * 4, None, "NaN is not a JSON"),
@@ -262,7 +262,7 @@ def test_a_broken_download_is_one_error_and_nothing_is_cached(tmp_path, monkeypa
 
 def test_an_html_config_is_refused_before_it_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", raw_server({"/o/m/resolve/main/config.json": ok(b"<!DOCTYPE html>")}))
-    with pytest.raises(ValueError, match="config.json sent something else than the file .*not a readable JSON"):
+    with pytest.raises(ValueError, match="config.json sent something else than the file .*not a readable GPT-2 config"):
         gpt.from_pretrained("o/m")
     assert not os.path.exists(gpt.cache_dir("o", "m", "config.json"))
 
@@ -314,5 +314,5 @@ def test_a_bad_config_value_is_named(tmp_path, field, value):
     config[field] = value
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").write_bytes(WEIGHTS)
-    with pytest.raises(ValueError, match=f"config.json: config {'n_embd' if value == 5 else field}"):
+    with pytest.raises(ValueError, match=f"config.json: not a readable GPT-2 config \\(config {'n_embd' if value == 5 else field}"):
         gpt.from_pretrained(str(tmp_path))
