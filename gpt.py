@@ -164,7 +164,7 @@ def _read_header(f, size: int) -> tuple:
         raise ValueError(f"truncated: {size} bytes, shorter than the 8-byte header length")
     n = int.from_bytes(f.read(8), "little")
     if n > 100_000_000 or 8 + n > size:
-        raise ValueError(f"a header of {n} bytes: over 100 MB, or past the end of the {size}-byte file")
+        raise ValueError(f"a header of {n} bytes: over 100 MB, or past the {size}-byte file's end")
     try:  # the format's JSON has no NaN or Infinity, and is UTF-8
         header = json.loads(f.read(n).decode("utf-8"), parse_constant=_not_json)
     except json.JSONDecodeError as e:
@@ -302,11 +302,13 @@ def _load_folder(folder: str) -> GPT:
         state[k] = v.t() if k.endswith(CONV1D) else v  # Conv1D weights are stored (in, out)
     with torch.device("meta"):
         model = GPT(config)  # no memory yet: the file's tensors are assigned below
-    for k, p in model.state_dict().items():
-        if k not in state:
-            raise ValueError(f"{path}: tensor {k}: missing")
-        if state[k].shape != p.shape:
-            raise ValueError(f"{path}: tensor {k}: shape {tuple(state[k].shape)}, config says {tuple(p.shape)}")
+    wanted = model.state_dict()
+    for k in sorted(wanted.keys() | state.keys()):
+        if k not in state or k not in wanted:
+            raise ValueError(f"{path}: tensor {k}: {'unexpected' if k in state else 'missing'}")
+        have = tuple(state[k].shape)
+        if have != wanted[k].shape:
+            raise ValueError(f"{path}: tensor {k}: shape {have}, config says {tuple(wanted[k].shape)}")
     model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)  # F32 stays mapped
     return model
 
@@ -316,13 +318,15 @@ def from_pretrained(name: str) -> GPT:
         return _load_folder(name)
     repo = ALIASES.get(name, name)
     if not REPO.fullmatch(repo):
-        raise ValueError(f"model {name}: no such folder, and not a Hugging Face repo name owner/name")
+        raise ValueError(f"model {name}: no such folder, nor a Hugging Face repo name owner/name")
     folder = cache_dir(repo)
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    hint = "--model takes a GPT-2 repo (gpt2-medium, owner/name) or a local folder; HF_ENDPOINT a mirror"
+    hint = ("--model takes a GPT-2 repo (gpt2-medium, owner/name) or a local folder; "
+            "HF_ENDPOINT sets a mirror")
     for file, check in (("config.json", read_config), ("model.safetensors", read_safetensors)):
-        if not os.path.exists(os.path.join(folder, file)):  # a file is there only when whole and checked
-            download(f"{endpoint}/{repo}/resolve/main/{file}", os.path.join(folder, file), check, hint)
+        dest = os.path.join(folder, file)
+        if not os.path.exists(dest):  # a file is there only when whole and checked
+            download(f"{endpoint}/{repo}/resolve/main/{file}", dest, check, hint)
     try:
         return _load_folder(folder)
     except ValueError as e:  # spoiled after its download was checked
@@ -340,7 +344,7 @@ def save_pretrained(model: GPT, out_dir: str):
 # ---------------------------------------------------------------- generation
 @torch.no_grad()
 def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None) -> list:
-    """Greedy continuations of prompts (id lists, any lengths) in one KV-cached batch: new ids only."""
+    """Greedy continuations of prompts (id lists, any lengths) in one KV-cached batch: new ids."""
     c = model.config
     device = model.wte.weight.device
     prompts = [p[-(c.n_positions - 1):] for p in prompts]  # an over-long prompt keeps its newest

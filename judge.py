@@ -37,11 +37,12 @@ def _open(url: str, path: str, body=None, model=JUDGE, timeout=10):
         except (ValueError, TypeError, KeyError):
             pass
         if e.code == 404 and "not found" in str(detail):
-            raise ValueError(f"Ollama at {url} has no model {model}: run `ollama pull {model}`") from None
+            raise ValueError(f"Ollama at {url} lacks model {model}: `ollama pull {model}`") from None
         raise ValueError(f"Ollama at {url} answered HTTP {e.code}: {detail}") from None
     except (*NETWORK_ERRORS, ValueError) as e:
-        raise ValueError(f"cannot reach Ollama at {url} ({getattr(e, 'reason', e)}): start it with "
-                         "`ollama serve` (https://ollama.com), or point OLLAMA_HOST / --url at it") from None
+        reason = getattr(e, "reason", e)
+        raise ValueError(f"cannot reach Ollama at {url} ({reason}): start it with `ollama serve` "
+                         "(https://ollama.com), or point OLLAMA_HOST / --url at it") from None
 
 def preflight(model=JUDGE, url=None):
     """Is a server there, with the judge model pulled? Answers in a second, before any scoring."""
@@ -53,7 +54,7 @@ def preflight(model=JUDGE, url=None):
     except (ValueError, TypeError, KeyError):
         raise ValueError(f"Ollama at {url}: /api/tags sent no list of models") from None
     if model not in names and f"{model}:latest" not in names:
-        raise ValueError(f"Ollama at {url} has no model {model}: run `ollama pull {model}`")
+        raise ValueError(f"Ollama at {url} lacks model {model}: `ollama pull {model}`")
 
 # ---------------------------------------------------------------- parse
 def _reply_part(line: bytes, url: str) -> tuple:
@@ -89,8 +90,8 @@ def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
                     if done:
                         return text
     except NETWORK_ERRORS as e:  # a stall, or a reply that would not end
-        raise ValueError(f"Ollama at {url} did not finish a reply within {timeout}s ({e}); "
-                         "a cold model load can take a minute: try again, or raise --timeout") from None
+        raise ValueError(f"Ollama at {url} did not finish a reply within {timeout}s ({e}); a cold "
+                         "model load can take a minute: try again, or raise --timeout") from None
     raise ValueError(f"Ollama at {url} cut a reply off before its last (done) line; try again")
 
 NUMBER = r"(-?\d+(?:\.\d+)?)(?!\w|\.\d)"  # 85, 8.5, -5; not the 1 of 1e3

@@ -38,7 +38,8 @@ def read_json(path: str):
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        where = f"line {e.lineno}, column {e.colno}"
+        raise ValueError(f"{path}: malformed JSON at {where}: {e.msg}") from None
     except RecursionError:
         raise ValueError(f"{path}: the JSON is nested too deeply") from None
 
@@ -62,7 +63,8 @@ def load_entries(source: str = DATA) -> list:
         name = hashlib.sha1(source.encode()).hexdigest()[:16] + ".json"
         path = os.path.join(gpt.cache_dir("data"), name)
         if not os.path.exists(path):
-            gpt.download(source, path, read_entries, "check the URL, or pass a local file with --data")
+            hint = "check the URL, or pass a local file with --data"
+            gpt.download(source, path, read_entries, hint)
         source = path
     return read_entries(source)
 
@@ -154,10 +156,11 @@ class TrainConfig:
             kinds = (int, float) if f.type is float else (f.type,)
             if type(value) not in kinds:
                 raise ValueError(f"{f.name} must be of type {f.type.__name__}, not {value!r}")
+            flag = "--" + f.name.replace("_", "-")
             zero_is_off = f.name in ("weight_decay", "lora_rank", "lora_alpha", "limit")
             if f.type in (int, float) and not (0 < value < math.inf or (zero_is_off and value == 0)):
                 lowest = ">= 0" if zero_is_off else "positive"
-                raise ValueError(f"--{f.name.replace('_', '-')} must be a {lowest} number, not {value}")
+                raise ValueError(f"{flag} must be a {lowest} number, not {value}")
         if self.style not in STYLES:
             raise ValueError(f"--style {self.style}: not one of {', '.join(STYLES)}")
         for name in ("data", "model"):  # absolute, so eval and generate work from any folder
@@ -237,7 +240,7 @@ def prepare_rows(cfg, model, enc):
             raise ValueError(f"no {name} row keeps a response token within --max-length "
                              f"{cfg.max_length} (--mask-prompt masks prompts); raise --max-length")
     if len(train_rows) < cfg.batch_size * cfg.grad_accum:
-        raise ValueError(f"--batch-size x --grad-accum is more than the {len(train_rows)} training rows")
+        raise ValueError(f"--batch-size x --grad-accum is over the {len(train_rows)} training rows")
     return train_rows, val_rows, val_e
 
 def report(model, rows, cfg, device, train_loss: float, **point) -> dict:
@@ -260,7 +263,8 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
         f"end, the first {len(subset)} at each report{masked}")
     started = time.time()
     first_batch = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)
-    metrics = [report(model, val_rows, cfg, device, first_batch, step=0, epoch=0, tokens=0, seconds=0)]
+    start = dict(step=0, epoch=0, tokens=0, seconds=0)
+    metrics = [report(model, val_rows, cfg, device, first_batch, **start)]
     tail = time.time() - started  # the final full validation costs about this much again
     log(f"initial loss: train {first_batch:.3f}, validation {metrics[0]['val_loss']:.3f}")
     shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -451,7 +455,7 @@ def load_run(out: str, device: str):
     try:
         settings.pop("epochs_done", None)
         cfg = TrainConfig(**settings)
-    except (AttributeError, TypeError, ValueError) as e:  # not an object, an unknown key, a bad value
+    except (AttributeError, TypeError, ValueError) as e:  # not an object, a wrong key or value
         raise ValueError(f"{path}: not the training settings train writes ({e})") from None
     return load_model(out).to(pick_device(device)), cfg
 
@@ -480,7 +484,8 @@ def judge_command(a, path=None):
     entries = [{**e, "score": next(scores) if e[key].strip() else 0} for e in entries]
     result = judge.summary([e["score"] for e in entries], a.judge)
     gpt.write_text(stem + "-scores.json", json.dumps({**result, "entries": entries}, indent=2))
-    print(f"Average score: {result['average'] or 0:.2f} ({result['scored']} of {result['total']} scored)")
+    average = result["average"] or 0
+    print(f"Average score: {average:.2f} ({result['scored']} of {result['total']} scored)")
 
 def eval_command(a):
     """eval: the test split's responses, saved, then scored by the judge (checked first)."""
@@ -518,9 +523,9 @@ def run_cli(command, *args):
     except (ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message held
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        oom = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
-        if not oom:  # the CPU allocator's message above; anything else is a bug to see whole
-            raise
+        cpu_oom = "can't allocate memory" in str(e)  # the CPU allocator's
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or cpu_oom):
+            raise  # anything else is a bug to see whole
         sys.exit("error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)")
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted: {str(e) or 'the files written so far are whole'}")
