@@ -241,6 +241,17 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 DOWNLOAD_TIMEOUT = 60  # seconds to wait for the server's next bytes
 HTTP_ERRORS = (OSError, http.client.HTTPException, ValueError)  # refused, reset, timeout, not HTTP
 
+def cache_dir(*parts) -> str:
+    """$XDG_CACHE_HOME/gpt2-sft/... (default ~/.cache/gpt2-sft/...)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(root, "gpt2-sft", *parts)
+
+def _remove_empty_folders(folder: str):
+    """Remove folder, then its parents, while they are empty and inside the cache."""
+    while folder.startswith(cache_dir()) and not os.listdir(folder):
+        os.rmdir(folder)
+        folder = os.path.dirname(folder)
+
 def _copy_body(response, f, url: str):
     """Copy a response body into f; one that ends before its Content-Length is an error."""
     while True:
@@ -275,12 +286,11 @@ def download(url: str, dest: str, check, hint: str):
             raise ValueError(f"{url} sent something else than the file ({e}); {hint}") from None
     with response:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        _atomic_write(dest, lambda f: _copy_body(response, f, url), check_download)
-
-def cache_dir(*parts) -> str:
-    """$XDG_CACHE_HOME/gpt2-sft/... (default ~/.cache/gpt2-sft/...)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(root, "gpt2-sft", *parts)
+        try:
+            _atomic_write(dest, lambda f: _copy_body(response, f, url), check_download)
+        except BaseException:  # no empty cache folders left behind
+            _remove_empty_folders(os.path.dirname(dest))
+            raise
 
 def read_config(path) -> GPTConfig:
     """A checkpoint's config.json -> GPTConfig: other keys ignored, the sizes checked."""

@@ -250,6 +250,20 @@ def report(model, rows, cfg, device, train_loss: float, **point) -> dict:
         raise ValueError(f"training diverged (loss {train_loss}, step {point['step']}): lower --lr")
     return dict(**point, train_loss=train_loss, val_loss=val_loss)
 
+def first_point(model, train_rows, val_rows, cfg, device) -> dict:
+    """Step 0, before any update: the first batch's loss and the whole validation split's."""
+    first_batch = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)
+    point = report(model, val_rows, cfg, device, first_batch, step=0, epoch=0, tokens=0, seconds=0)
+    log(f"initial loss: train {first_batch:.3f}, validation {point['val_loss']:.3f}")
+    return point
+
+def optimizer_step(model, optimizer, batch, cfg, device) -> tuple:
+    """One update from batch_size x grad_accum rows: (their summed loss, their target count)."""
+    loss, count = loss_and_backward(model, list(batches(batch, cfg)), device)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, count
+
 def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
     """Shuffled batches, the last partial one dropped (as the book); reports every eval_every."""
     rows_per_step = cfg.batch_size * cfg.grad_accum
@@ -262,11 +276,8 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
         f"{cfg.grad_accum}), {steps} steps; validation on all {len(val_rows)} rows at start and "
         f"end, the first {len(subset)} at each report{masked}")
     started = time.time()
-    first_batch = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)
-    start = dict(step=0, epoch=0, tokens=0, seconds=0)
-    metrics = [report(model, val_rows, cfg, device, first_batch, **start)]
+    metrics = [first_point(model, train_rows, val_rows, cfg, device)]
     tail = time.time() - started  # the final full validation costs about this much again
-    log(f"initial loss: train {first_batch:.3f}, validation {metrics[0]['val_loss']:.3f}")
     shuffle = torch.Generator().manual_seed(cfg.seed)
     running_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
     running_count = 0
@@ -278,18 +289,16 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
         if i == 0:
             order = torch.randperm(len(train_rows), generator=shuffle).tolist()
         batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
-        loss, count = loss_and_backward(model, list(batches(batch, cfg)), device)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, count = optimizer_step(model, optimizer, batch, cfg, device)
         running_loss += loss
         running_count += count
         tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
         if step % cfg.eval_every == 0 or step == steps:
             rows = val_rows if step == steps else subset
-            seconds = round(time.time() - started, 2)
+            seconds = time.time() - started
             train_loss = running_loss.item() / running_count  # the mean since the last report
             metrics.append(report(model, rows, cfg, device, train_loss, step=step, epoch=epoch,
-                                  tokens=tokens, seconds=seconds))
+                                  tokens=tokens, seconds=round(seconds, 2)))
             running_loss.zero_()
             running_count = 0
             to_go = seconds / step * (steps - step) + tail

@@ -260,6 +260,14 @@ def test_a_broken_download_is_one_error_and_nothing_is_cached(tmp_path, monkeypa
     assert gpt.from_pretrained("o/m").config.n_layer == 2
 
 
+@pytest.mark.parametrize("reply", [ok(CONFIG)[:-10], ok(b"<html>Please log in</html>")], ids=["cut short", "HTML"])
+def test_a_failed_first_download_leaves_no_empty_cache_folder(monkeypatch, reply):
+    monkeypatch.setenv("HF_ENDPOINT", raw_server({"/o/m/resolve/main/config.json": reply}))
+    with pytest.raises(ValueError):
+        gpt.from_pretrained("o/m")
+    assert not os.path.exists(gpt.cache_dir())  # neither o/m nor o nor the cache's root
+
+
 def test_an_html_config_is_refused_before_it_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", raw_server({"/o/m/resolve/main/config.json": ok(b"<!DOCTYPE html>")}))
     with pytest.raises(ValueError, match="config.json sent something else than the file .*not a readable GPT-2 config"):
