@@ -476,10 +476,8 @@ def generate_command(a):
     entry = {"instruction": a.instruction, "input": a.input}
     print(respond(model, [entry], tokenizer(), cfg.style, a.max_new_tokens)[0])
 
-def judge_command(a, path=None):
+def judge_file(path: str, key: str, a):
     """Score every entry's response; X-scores.json beside X.json holds each entry with its score."""
-    path = path or a.file
-    key = getattr(a, "key", "model_response")
     entries = read_entries(path)
     for i, e in enumerate(entries):
         if not isinstance(e.get(key), str):
@@ -495,6 +493,9 @@ def judge_command(a, path=None):
     gpt.write_text(stem + "-scores.json", json.dumps({**result, "entries": entries}, indent=2))
     average = result["average"] or 0
     print(f"Average score: {average:.2f} ({result['scored']} of {result['total']} scored)")
+
+def judge_command(a):
+    judge_file(a.file, a.key, a)
 
 def eval_command(a):
     """eval: the test split's responses, saved, then scored by the judge (checked first)."""
@@ -518,12 +519,13 @@ def eval_command(a):
     empty = sum(not r.strip() for r in responses)
     if empty:
         log(f"warning: {empty} of {len(responses)} responses are empty; they score 0")
+    later = f"the responses are saved: score them with python sft.py judge {path}"
+    if judge_problem:
+        raise ValueError(f"{judge_problem}; {later}")
     try:
-        if judge_problem:
-            raise judge_problem
-        judge_command(a, path)
+        judge_file(path, "model_response", a)
     except ValueError as e:  # the scores so far are kept: the same command asks only the rest
-        raise ValueError(f"{e}; the responses are saved: score them with python sft.py judge {path}")
+        raise ValueError(f"{e}; {later}") from None
 
 def run_cli(command, *args):
     """Run a command: a user error or Ctrl-C is one line on stderr and a non-zero exit."""
