@@ -88,8 +88,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.scale = alpha / rank
-        self.A = nn.Parameter(torch.randn(rank, base.in_features) / base.in_features ** 0.5)
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank))  # starts at 0: no change yet
+        device = base.weight.device  # the adapters live where the weight does
+        a = torch.randn(rank, base.in_features, device=device) / base.in_features ** 0.5
+        self.A = nn.Parameter(a)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))  # starts at 0
 
     def forward(self, x):  # through the rank-r bottleneck: no gradient work for the frozen weight
         return self.base(x) + (x @ self.A.t()) @ self.B.t() * self.scale
@@ -104,7 +106,7 @@ def _swap_linears(model: GPT, swap):
             setattr(module, name, swap(child))
 
 def add_lora(model: GPT, rank: int, alpha: float) -> GPT:
-    """Freeze every weight and wrap each Linear of the blocks in a LoRALinear (on the CPU)."""
+    """Freeze every weight and wrap each Linear of the blocks in a LoRALinear."""
     model.requires_grad_(False)
     _swap_linears(model, lambda m: LoRALinear(m, rank, alpha) if isinstance(m, nn.Linear) else m)
     return model

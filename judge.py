@@ -54,7 +54,8 @@ def preflight(model=JUDGE, url=None):
     except (ValueError, TypeError, KeyError):
         raise ValueError(f"Ollama at {url}: /api/tags sent no list of models") from None
     if model not in names and f"{model}:latest" not in names:
-        raise ValueError(f"Ollama at {url} lacks model {model}: `ollama pull {model}`")
+        pulled = ", ".join(sorted(map(str, names))) or "none"  # llama3.1 is not llama3
+        raise ValueError(f"Ollama at {url} lacks model {model} (it has {pulled}): `ollama pull {model}`")
 
 # ---------------------------------------------------------------- parse
 def _reply_part(line: bytes, url: str) -> tuple:

@@ -272,9 +272,9 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
     # the same validation rows at each report, as many as make one epoch's reports one pass
     subset = val_rows[:math.ceil(len(val_rows) / max(steps_per_epoch // cfg.eval_every, 1))]
     masked = "; losses cover the responses only" if cfg.mask_prompt else ""
-    log(f"training: lr {cfg.lr:g}, effective batch {rows_per_step} ({cfg.batch_size} x "
-        f"{cfg.grad_accum}), {steps} steps; validation on all {len(val_rows)} rows at start and "
-        f"end, the first {len(subset)} at each report{masked}")
+    batch_text = f"{rows_per_step} ({cfg.batch_size} x {cfg.grad_accum})"
+    log(f"training: lr {cfg.lr:g}, effective batch {batch_text}, {steps} steps; validation on "
+        f"all {len(val_rows)} rows at start and end, the first {len(subset)} at each report{masked}")
     started = time.time()
     metrics = [first_point(model, train_rows, val_rows, cfg, device)]
     tail = time.time() - started  # the final full validation costs about this much again
@@ -302,9 +302,10 @@ def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
             running_loss.zero_()
             running_count = 0
             to_go = seconds / step * (steps - step) + tail
+            val_loss = metrics[-1]["val_loss"]
             log(f"epoch {epoch} step {step}/{steps}: train {train_loss:.3f}, validation "
-                f"{metrics[-1]['val_loss']:.3f} ({len(rows)} rows), {tokens / seconds:,.0f} "
-                f"tokens/s, {seconds:.0f}s elapsed, {to_go:.0f}s to go")
+                f"{val_loss:.3f} ({len(rows)} rows), {tokens / seconds:,.0f} tokens/s, "
+                f"{seconds:.0f}s elapsed, {to_go:.0f}s to go")
         if i == steps_per_epoch - 1:
             end_epoch(epoch, metrics, steps_per_epoch)
     return metrics
@@ -461,11 +462,16 @@ def load_run(out: str, device: str):
     if not os.path.exists(path):
         raise ValueError(f"{out}: holds no trained run (no run.json); train one with --out {out}")
     settings = read_json(path)
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: not a JSON object of training settings")
+    settings.pop("epochs_done", None)
+    unknown = settings.keys() - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"{path}: unknown setting {sorted(unknown)[0]!r}")
     try:
-        settings.pop("epochs_done", None)
         cfg = TrainConfig(**settings)
-    except (AttributeError, TypeError, ValueError) as e:  # not an object, a wrong key or value
-        raise ValueError(f"{path}: not the training settings train writes ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return load_model(out).to(pick_device(device)), cfg
 
 def generate_command(a):
@@ -527,17 +533,20 @@ def eval_command(a):
     except ValueError as e:  # the scores so far are kept: the same command asks only the rest
         raise ValueError(f"{e}; {later}") from None
 
+OUT_OF_MEMORY = "error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)"
+
 def run_cli(command, *args):
     """Run a command: a user error or Ctrl-C is one line on stderr and a non-zero exit."""
     try:
         command(*args)
     except (ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message held
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        cpu_oom = "can't allocate memory" in str(e)  # the CPU allocator's
-        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or cpu_oom):
-            raise  # anything else is a bug to see whole
-        sys.exit("error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)")
+    except (torch.OutOfMemoryError, MemoryError):  # a GPU's; the CPU allocator's is below
+        sys.exit(OUT_OF_MEMORY)
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):
+            raise
+        sys.exit(OUT_OF_MEMORY)
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted: {str(e) or 'the files written so far are whole'}")
 

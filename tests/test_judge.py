@@ -153,7 +153,7 @@ def lines(*objs):
 
 FAILURES = {
     "no server": (lambda: (f"http://127.0.0.1:{free_port()}", []), "cannot reach Ollama"),
-    "model not pulled": (lambda: ollama(models=["mistral:latest"]), "ollama pull llama3"),
+    "model not pulled": (lambda: ollama(models=["mistral:latest"]), "(it has mistral:latest): `ollama pull llama3`"),
     "404 from chat": (lambda: ollama(status=404, error='model "llama3" not found, try pulling it first'), "ollama pull"),
     "HTTP 500": (lambda: ollama(status=500, error="out of memory"), "HTTP 500: out of memory"),
     "error inside a 200 stream": (lambda: ollama(replies=["8"], error="runner crashed"), "runner crashed"),
