@@ -16,15 +16,6 @@ class GPTConfig:
     n_head: int = 12         # attention heads per block (n_embd % n_head == 0)
     layer_norm_epsilon: float = 1e-5
 
-    def __post_init__(self):  # a hand-written config.json may hold anything
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kinds = (int,) if f.type is int else (int, float)
-            if type(value) not in kinds or not 0 < value < math.inf:
-                raise ValueError(f"config {f.name} must be a positive {f.type.__name__}: {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"config n_embd {self.n_embd} is not a multiple of n_head")
-
 # ---------------------------------------------------------------- the model
 class Attention(nn.Module):
     def __init__(self, c: GPTConfig):
@@ -88,10 +79,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.scale = alpha / rank
-        device = base.weight.device  # the adapters live where the weight does
-        a = torch.randn(rank, base.in_features, device=device) / base.in_features ** 0.5
-        self.A = nn.Parameter(a)
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))  # starts at 0
+        self.A = nn.Parameter(torch.randn(rank, base.in_features) / base.in_features ** 0.5)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank))  # starts at 0: y = base(x)
 
     def forward(self, x):  # through the rank-r bottleneck: no gradient work for the frozen weight
         return self.base(x) + (x @ self.A.t()) @ self.B.t() * self.scale
@@ -121,78 +110,38 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool}
 
-def _sizes(x, count=None) -> bool:
-    """Is x a list of count integers that fit torch's int64 sizes? True and 4.0 do not count."""
-    if not isinstance(x, list) or count not in (None, len(x)):
-        return False
-    return all(type(n) is int and 0 <= n < 2**63 for n in x)
-
-def _not_json(word):
-    raise ValueError(f"{word} is not a JSON value")
-
-def _entries(header, data_size: int) -> list:
-    """[(begin, end, name, dtype, shape)] by offset, the header checked against every rule."""
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    metadata = header.pop("__metadata__", None)  # may be absent or null
-    strings = isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    if metadata is not None and not strings:
-        raise ValueError("__metadata__ is not an object of strings")
-    entries = []
-    for name, info in header.items():
-        info = info if isinstance(info, dict) else {}
-        dtype = info.get("dtype")
-        offsets = info.get("data_offsets")
-        known = isinstance(dtype, str) and dtype in DTYPES
-        if not (known and _sizes(info.get("shape")) and _sizes(offsets, 2)):
-            raise ValueError(f"tensor {name}: needs a known dtype, a shape of integers >= 0 "
-                             "and two integer data_offsets >= 0")
-        entries.append((*offsets, name, dtype, info["shape"]))
-    entries.sort()
-    end = 0  # the tensors must tile the data: from 0, no hole, no overlap, each its shape's size
-    for begin, stop, name, dtype, shape in entries:
-        need = math.prod(shape) * DTYPES[dtype].itemsize
-        if begin != end or stop - begin != need:
-            raise ValueError(f"tensor {name} spans bytes {begin} to {stop}; after the tensors "
-                             f"before it, {dtype} {shape} needs {end} to {end + need}")
-        end = stop
-    if end != data_size:
-        raise ValueError(f"the tensors cover {end} bytes of data, but the file has {data_size}")
-    return entries
-
-def _read_header(f, size: int) -> tuple:
-    """(n, entries) of an open .safetensors file: an 8-byte length n, then n bytes of JSON."""
-    if size < 8:
-        raise ValueError(f"truncated: {size} bytes, shorter than the 8-byte header length")
-    n = int.from_bytes(f.read(8), "little")
-    if n > 100_000_000 or 8 + n > size:
-        raise ValueError(f"a header of {n} bytes: over 100 MB, or past the {size}-byte file's end")
-    try:  # the format's JSON has no NaN or Infinity, and is UTF-8
-        header = json.loads(f.read(n).decode("utf-8"), parse_constant=_not_json)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"the header is not JSON ({e})") from None
-    except RecursionError:
-        raise ValueError("the header is nested too deeply") from None
-    return n, _entries(header, size - 8 - n)
-
-def read_safetensors(path) -> dict:
-    """Memory-map a .safetensors file into {name: tensor}, checking every rule of the format."""
-    size = os.path.getsize(path)
+def _tensors(path, size: int) -> dict:
+    """The header, then each tensor: a known dtype, its bytes inside the data, its shape's size."""
     with open(path, "rb") as f:
-        try:
-            n, entries = _read_header(f, size)
-        except ValueError as e:  # UnicodeDecodeError is one too
-            raise ValueError(f"{path}: not a valid safetensors file: {e}") from None
+        n = int.from_bytes(f.read(8), "little")  # the header's length, then n bytes of JSON
+        if size < 8 or 8 + n > size:
+            raise ValueError(f"a {n}-byte header does not fit in {size} bytes")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
     # a private copy-on-write map: pages load as tensors touch them; writes never reach the file
     storage = torch.UntypedStorage.from_file(str(path), False, size)
-    raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+    data = torch.empty(0, dtype=torch.uint8).set_(storage)[8 + n:]
     tensors = {}
-    for begin, stop, name, dtype, shape in entries:
-        t = raw[8 + n + begin:8 + n + stop]
-        if t.storage_offset() % DTYPES[dtype].itemsize:
+    for name, info in header.items():
+        shape = info["shape"]
+        dtype = DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        inside = 0 <= begin <= end <= len(data)
+        if not inside or end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {name}: bytes {begin} to {end} cannot hold {dtype} {shape}")
+        t = data[begin:end]
+        if t.storage_offset() % dtype.itemsize:
             t = t.clone()  # a view must start at a multiple of its item size: copy a misaligned one
-        tensors[name] = t.view(DTYPES[dtype]).view(shape)
+        tensors[name] = t.view(dtype).view(shape)
     return tensors
+
+def read_safetensors(path) -> dict:
+    """Memory-map a .safetensors file into {name: tensor}; a malformed file is one ValueError."""
+    try:
+        return _tensors(path, os.path.getsize(path))
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:  # any malformation
+        reason = f"{type(e).__name__}: {e}"  # KeyError's own text is just the key
+        raise ValueError(f"{path}: not a valid safetensors file ({reason})") from None
 
 def _atomic_write(path, write, check=None):
     """write(f) to a temp file, fsync, check(temp), rename over path: never a half or bad file."""
@@ -206,12 +155,11 @@ def _atomic_write(path, write, check=None):
         if check is not None:
             check(tmp)
         os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
+    except OSError as e:  # a full disk or a read-only folder: name the file
+        raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):  # whatever failed, no temp file stays behind
             os.unlink(tmp)
-        if isinstance(e, OSError):  # a full disk or a read-only folder: name the file
-            raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
 
 def write_text(path, text: str):
     _atomic_write(path, lambda f: f.write(text.encode()))
@@ -241,67 +189,53 @@ ALIASES = {a: f"openai-community/{a}" for a in ("gpt2", "gpt2-medium", "gpt2-lar
 REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, never "." or ".."
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 DOWNLOAD_TIMEOUT = 60  # seconds to wait for the server's next bytes
-HTTP_ERRORS = (OSError, http.client.HTTPException, ValueError)  # refused, reset, timeout, not HTTP
 
 def cache_dir(*parts) -> str:
     """$XDG_CACHE_HOME/gpt2-sft/... (default ~/.cache/gpt2-sft/...)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(root, "gpt2-sft", *parts)
 
-def _remove_empty_folders(folder: str):
-    """Remove folder, then its parents, while they are empty and inside the cache."""
-    while folder.startswith(cache_dir()) and not os.listdir(folder):
-        os.rmdir(folder)
-        folder = os.path.dirname(folder)
-
 def _copy_body(response, f, url: str):
-    """Copy a response body into f; one that ends before its Content-Length is an error."""
-    while True:
-        try:
-            chunk = response.read(1 << 22)
-        except HTTP_ERRORS as e:  # a reset, a stall, a chunked body cut short
-            raise ValueError(f"the download of {url} broke off ({type(e).__name__})") from None
-        if not chunk:
-            break
-        f.write(chunk)
-        print(f"\rdownloading {url}: {f.tell() / 1e6:.0f} MB", end="", file=sys.stderr)
-    print(file=sys.stderr)
+    """The response body into f, with a progress line; a body cut short is an error."""
+    try:
+        for chunk in iter(lambda: response.read(1 << 22), b""):
+            f.write(chunk)
+            print(f"\rdownloading {url}: {f.tell() / 1e6:.0f} MB", end="", file=sys.stderr)
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as e:  # a stall, a reset
+        raise ValueError(f"the download of {url} broke off ({type(e).__name__})") from None
+    finally:
+        print(file=sys.stderr)
     total = response.headers.get("Content-Length")
     if total is not None and f.tell() != int(total):  # http.client ends a short body quietly
-        raise ValueError(f"the download of {url} stopped at {f.tell()} of {total} bytes; try again")
+        raise ValueError(f"the download of {url} stopped at {f.tell()} of {total} bytes")
 
 def download(url: str, dest: str, check, hint: str):
     """Fetch url into dest, whole and valid (check(path) raises ValueError), or not at all."""
     try:
         response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)  # follows redirects
-    except urllib.error.HTTPError as e:
-        reason = "not found" if e.code in (401, 404) else f"HTTP {e.code} {e.reason}"
-        raise ValueError(f"{url}: {reason}; {hint}") from None
-    except HTTP_ERRORS as e:
-        reason = getattr(e, "reason", e)
-        raise ValueError(f"cannot download {url} ({reason}): check the network; {hint}") from None
+    except (OSError, http.client.HTTPException, ValueError) as e:  # 404, refused, timeout, not HTTP
+        raise ValueError(f"cannot download {url} ({getattr(e, 'reason', e)}); {hint}") from None
 
     def check_download(tmp):
         try:
             check(tmp)
         except ValueError as e:  # a proxy's login page, say
             raise ValueError(f"{url} sent something else than the file ({e}); {hint}") from None
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
     with response:
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        try:
-            _atomic_write(dest, lambda f: _copy_body(response, f, url), check_download)
-        except BaseException:  # no empty cache folders left behind
-            _remove_empty_folders(os.path.dirname(dest))
-            raise
+        _atomic_write(dest, lambda f: _copy_body(response, f, url), check_download)
 
 def read_config(path) -> GPTConfig:
-    """A checkpoint's config.json -> GPTConfig: other keys ignored, the sizes checked."""
+    """A checkpoint's config.json -> GPTConfig (the keys GPT-2 does not use are ignored)."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-        return GPTConfig(**{f.name: raw[f.name] for f in fields(GPTConfig) if f.name in raw})
+        config = GPTConfig(**{f.name: raw[f.name] for f in fields(GPTConfig) if f.name in raw})
+        if config.n_embd % config.n_head:
+            raise ValueError("n_embd is not a multiple of n_head")
     except (OSError, ValueError, TypeError) as e:  # TypeError: not a JSON object
         raise ValueError(f"{path}: not a readable GPT-2 config ({e})") from None
+    return config
 
 def _load_folder(folder: str) -> GPT:
     config = read_config(os.path.join(folder, "config.json"))
@@ -311,38 +245,31 @@ def _load_folder(folder: str) -> GPT:
         k = k.removeprefix("transformer.")  # transformers' save_pretrained adds it
         if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
             continue  # causal-mask buffers and the tied head carry nothing we need
-        state[k] = v.t() if k.endswith(CONV1D) else v  # Conv1D weights are stored (in, out)
+        v = v.t() if k.endswith(CONV1D) else v  # Conv1D weights are stored (in, out)
+        state[k] = v.float()  # F16 and BF16 load as F32; F32 stays memory-mapped
     with torch.device("meta"):
         model = GPT(config)  # no memory yet: the file's tensors are assigned below
-    wanted = model.state_dict()
-    for k in sorted(wanted.keys() | state.keys()):
-        if k not in state or k not in wanted:
-            raise ValueError(f"{path}: tensor {k}: {'unexpected' if k in state else 'missing'}")
-        have = tuple(state[k].shape)
-        if have != wanted[k].shape:
-            raise ValueError(f"{path}: tensor {k}: shape {have}, config says {tuple(wanted[k].shape)}")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)  # F32 stays mapped
+    model.load_state_dict(state, assign=True)  # names every missing, extra or misshapen tensor
     return model
 
 def from_pretrained(name: str) -> GPT:
     """A GPT-2 in the Hugging Face layout: a local folder, an alias, or an owner/name repo."""
-    if os.path.isdir(name):
-        return _load_folder(name)
-    repo = ALIASES.get(name, name)
-    if not REPO.fullmatch(repo):
-        raise ValueError(f"model {name}: no such folder, nor a Hugging Face repo name owner/name")
-    folder = cache_dir(repo)
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    hint = ("--model takes a GPT-2 repo (gpt2-medium, owner/name) or a local folder; "
-            "HF_ENDPOINT sets a mirror")
-    for file, check in (("config.json", read_config), ("model.safetensors", read_safetensors)):
-        dest = os.path.join(folder, file)
-        if not os.path.exists(dest):  # a file is there only when whole and checked
-            download(f"{endpoint}/{repo}/resolve/main/{file}", dest, check, hint)
+    folder = name
+    if not os.path.isdir(name):  # a hub repo: its two files are downloaded into the cache once
+        repo = ALIASES.get(name, name)
+        if not REPO.fullmatch(repo):
+            raise ValueError(f"model {name}: no such folder, nor a Hugging Face repo owner/name")
+        folder = cache_dir(repo)
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        hint = "--model takes a GPT-2 repo (gpt2-medium, owner/name) or a folder; HF_ENDPOINT a mirror"
+        for file, check in (("config.json", read_config), ("model.safetensors", read_safetensors)):
+            dest = os.path.join(folder, file)
+            if not os.path.exists(dest):  # a file is there only when whole and checked
+                download(f"{endpoint}/{repo}/resolve/main/{file}", dest, check, hint)
     try:
         return _load_folder(folder)
-    except ValueError as e:  # spoiled after its download was checked
-        raise ValueError(f"{e} (a cached download: delete {folder} to download it again)") from None
+    except (TypeError, RuntimeError) as e:  # sizes that build no GPT, tensors that do not fit it
+        raise ValueError(f"{folder}: not a GPT-2 checkpoint that loads ({e})") from None
 
 def save_pretrained(model: GPT, out_dir: str):
     """config.json + model.safetensors in the hub layout: Conv1D weights (in, out), no lm_head."""
@@ -365,8 +292,10 @@ def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None) -> list:
     pads = torch.tensor([P - len(p) for p in prompts], device=device)[:, None]  # (B, 1)
     x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # left-padded
     column = torch.arange(S, device=device)
-    real = column >= pads               # (B, S): False on each row's padding
     pos = (column - pads).clamp(min=0)  # (B, S): each row's positions start at its first token
+    causal = column[None, :] <= column[:, None]  # (S, S): a query sees keys up to its own
+    # (B, S, S): causal and no padding; a pad query sees itself, so no row is all -inf
+    mask = (causal & (column >= pads)[:, None, :]) | torch.eye(S, dtype=torch.bool, device=device)
     cache = torch.empty(c.n_layer, 2, len(prompts), c.n_head, S, c.n_embd // c.n_head,
                         device=device, dtype=model.wte.weight.dtype)
     out = []
@@ -374,11 +303,8 @@ def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None) -> list:
     start = 0
     for _ in range(S - P):
         T = x.shape[1]
-        query = column[start:start + T, None]  # (T, 1)
-        key = column[None, :start + T]        # (1, start+T)
-        # (B, T, start+T): causal, no padding; a pad query sees itself, so no row is all -inf
-        mask = ((key <= query) & real[:, None, :start + T]) | (key == query)
-        logits = model(x, pos[:, start:start + T], mask[:, None], cache, start, last_only=True)
+        step_mask = mask[:, None, start:start + T, :start + T]  # (B, 1, T, start+T)
+        logits = model(x, pos[:, start:start + T], step_mask, cache, start, last_only=True)
         token = logits[:, -1].argmax(-1)  # greedy, as the book's chapter 7
         out.append(token)
         done |= token == eos_id

@@ -1,18 +1,11 @@
 """Instruction finetuning of GPT-2: data -> prompts -> tokens -> batches -> training -> CLI."""
 import argparse, copy, hashlib, json, math, os, shutil, sys, time
 from dataclasses import asdict, dataclass, field, fields
+import gpt  # first: it quiets torch's warning about a missing numpy
 import judge
-try:  # torch takes seconds to import: Ctrl-C meanwhile is one line too
-    import tiktoken
-    import torch
-    import torch.nn.functional as F
-    import gpt
-except KeyboardInterrupt:
-    sys.exit("interrupted")
-try:
-    import fcntl  # advisory file locks (Linux, macOS)
-except ImportError:  # Windows: one training per --out is then up to you
-    fcntl = None
+import tiktoken
+import torch
+import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data", "instruction-data.json")  # the book's 1,100 entries (Apache-2.0)
@@ -30,30 +23,19 @@ def log(message):  # progress and notes go to stderr; answers and scores to stdo
     print(message, file=sys.stderr, flush=True)
 
 # ---------------------------------------------------------------- data
-def read_json(path: str):
-    """A JSON file; errors name the file and the line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    except json.JSONDecodeError as e:
-        where = f"line {e.lineno}, column {e.colno}"
-        raise ValueError(f"{path}: malformed JSON at {where}: {e.msg}") from None
-    except RecursionError:
-        raise ValueError(f"{path}: the JSON is nested too deeply") from None
-
 def read_entries(path: str) -> list:
     """A JSON list of {instruction, input (optional), output} strings; a bad entry is named."""
-    data = read_json(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ValueError(f"{path}: cannot read JSON ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of entries, found a {type(data).__name__}")
     for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: entry {i} is a {type(entry).__name__}, not an object")
         for key in ("instruction", "input", "output"):
-            value = entry.get(key, "" if key == "input" else None)  # input is the only optional key
-            if not isinstance(value, str):
+            default = "" if key == "input" else None  # input is the only optional key
+            if not isinstance(entry, dict) or not isinstance(entry.get(key, default), str):
                 raise ValueError(f"{path}: entry {i}: {key!r} is missing or not a string")
     return data
 
@@ -88,14 +70,9 @@ def split(entries: list, source: str = "data") -> tuple:
     return train, val, test
 
 def tokenizer():
-    """tiktoken's gpt2 encoding, from the BPE files in data/ unless you set TIKTOKEN_CACHE_DIR."""
+    """tiktoken's gpt2 encoding, from the BPE files in data/ unless TIKTOKEN_CACHE_DIR is set."""
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "data", "tiktoken-cache"))
-    try:
-        return tiktoken.get_encoding("gpt2")  # it checks the files' hashes
-    except Exception as e:  # a cache without the files: tiktoken downloads, and offline it fails
-        cache = os.environ["TIKTOKEN_CACHE_DIR"]
-        raise ValueError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}) from "
-                         f"TIKTOKEN_CACHE_DIR={cache}; unset it to use the shipped files") from None
+    return tiktoken.get_encoding("gpt2")  # it checks the files' hashes
 
 def tokenize(entries: list, enc, style: str = "alpaca") -> list:
     """[(ids, prompt_len)]: ids = enc(prompt) + enc(output); a written <|endoftext|> stays text."""
@@ -150,44 +127,32 @@ class TrainConfig:
             self.lr = 1e-3 if self.model == "tiny" else 5e-5  # tiny starts from random weights
         if self.out is None:
             self.out = os.path.join("runs", os.path.basename(self.model.rstrip("/")))
-        self.out = os.path.normpath(self.out)  # "runs/x/" is "runs/x": its lock and swap go beside
-        for f in fields(self):  # argparse gives the right types; a hand-edited run.json may not
+        for f in fields(self):  # numbers must be positive; those that switch something off may be 0
             value = getattr(self, f.name)
-            kinds = (int, float) if f.type is float else (f.type,)
-            if type(value) not in kinds:
-                raise ValueError(f"{f.name} must be of type {f.type.__name__}, not {value!r}")
-            flag = "--" + f.name.replace("_", "-")
-            zero_is_off = f.name in ("weight_decay", "lora_rank", "lora_alpha", "limit")
-            if f.type in (int, float) and not (0 < value < math.inf or (zero_is_off and value == 0)):
-                lowest = ">= 0" if zero_is_off else "positive"
-                raise ValueError(f"{flag} must be a {lowest} number, not {value}")
+            may_be_zero = f.name in ("weight_decay", "lora_rank", "lora_alpha", "limit")
+            if f.type in (int, float) and not (0 < value < math.inf or (may_be_zero and value == 0)):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a positive number, not {value}")
         if self.style not in STYLES:
             raise ValueError(f"--style {self.style}: not one of {', '.join(STYLES)}")
-        for name in ("data", "model"):  # absolute, so eval and generate work from any folder
-            if os.path.exists(getattr(self, name)):
-                setattr(self, name, os.path.abspath(getattr(self, name)))
+        if os.path.exists(self.data):  # absolute, so eval works from any folder
+            self.data = os.path.abspath(self.data)
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(name)
-        torch.empty(0, device=device)  # fails unless this machine has it
+        torch.empty(0, device=name)  # fails unless this machine has it
     except (RuntimeError, AssertionError):
         raise ValueError(f"--device {name} is not available here; use auto or cpu") from None
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls where there is a GPU
-    return device
+    return torch.device(name)
 
 def load_model(name: str, seed: int = 0) -> gpt.GPT:
     """tiny: a random small GPT-2 with the GPT-2 vocabulary; anything else: from_pretrained."""
     torch.manual_seed(seed)
     if name == "tiny":
         return gpt.GPT(gpt.GPTConfig(n_embd=128, n_layer=4, n_head=4))
-    model = gpt.from_pretrained(name)
-    vocab = model.config.vocab_size
-    if vocab <= EOT:
-        raise ValueError(f"model {name} has {vocab} tokens; the GPT-2 tokenizer needs {EOT + 1}")
-    return model
+    return gpt.from_pretrained(name)
 
 def loss_sum(model, inputs, targets, device):
     """Cross-entropy summed over the targets that count (divide by their number for the mean)."""
@@ -217,6 +182,7 @@ def batches(rows, cfg):
 @torch.no_grad()
 def mean_loss(model, rows, cfg, device) -> float:
     """The mean loss over every target token of rows (not a mean of batch means)."""
+    model.eval()  # no training-only noise (NEFTune) in what is measured
     total = 0.0
     count = 0
     for inputs, targets in batches(rows, cfg):
@@ -225,7 +191,7 @@ def mean_loss(model, rows, cfg, device) -> float:
     return total / max(count, 1)
 
 def prepare_rows(cfg, model, enc):
-    """The train and validation rows, checked: each split keeps targets; a step has its rows."""
+    """The tokenized train and validation rows, and the validation entries."""
     train_e, val_e, test_e = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)
     cfg.max_length = min(cfg.max_length, model.config.n_positions)  # where the position table ends
     train_rows = tokenize(train_e, enc, cfg.style)
@@ -233,190 +199,127 @@ def prepare_rows(cfg, model, enc):
     cut = sum(len(ids) > cfg.max_length for ids, _ in train_rows + val_rows)
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
         f"{cut} cut to --max-length {cfg.max_length}")
-    for name, rows in (("training", train_rows), ("validation", val_rows)):
-        # a row keeps a target when its first target column is inside the kept columns
-        firsts = [prompt_len - 1 if cfg.mask_prompt else 0 for _, prompt_len in rows]
-        if all(first >= min(len(ids), cfg.max_length) for first, (ids, _) in zip(firsts, rows)):
-            raise ValueError(f"no {name} row keeps a response token within --max-length "
-                             f"{cfg.max_length} (--mask-prompt masks prompts); raise --max-length")
     if len(train_rows) < cfg.batch_size * cfg.grad_accum:
         raise ValueError(f"--batch-size x --grad-accum is over the {len(train_rows)} training rows")
     return train_rows, val_rows, val_e
 
 def report(model, rows, cfg, device, train_loss: float, **point) -> dict:
-    """One point of the curves: the train loss given, the validation loss measured on rows."""
+    """One point of the curves, logged: the train loss given, the validation loss of rows."""
     val_loss = mean_loss(model, rows, cfg, device)
     if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # never NaN in metrics
         raise ValueError(f"training diverged (loss {train_loss}, step {point['step']}): lower --lr")
+    log(f"epoch {point['epoch']} step {point['step']}: train {train_loss:.3f}, validation "
+        f"{val_loss:.3f} ({len(rows)} rows), {point['tokens']:,} tokens in {point['seconds']:.0f}s")
     return dict(**point, train_loss=train_loss, val_loss=val_loss)
 
-def first_point(model, train_rows, val_rows, cfg, device) -> dict:
-    """Step 0, before any update: the first batch's loss and the whole validation split's."""
-    first_batch = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)
-    point = report(model, val_rows, cfg, device, first_batch, step=0, epoch=0, tokens=0, seconds=0)
-    log(f"initial loss: train {first_batch:.3f}, validation {point['val_loss']:.3f}")
-    return point
-
-def optimizer_step(model, optimizer, batch, cfg, device) -> tuple:
-    """One update from batch_size x grad_accum rows: (their summed loss, their target count)."""
-    loss, count = loss_and_backward(model, list(batches(batch, cfg)), device)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, count
-
-def run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch):
-    """Shuffled batches, the last partial one dropped (as the book); reports every eval_every."""
+def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_epoch: int):
+    """Shuffled batches, the last partial one dropped (as the book); yields (epoch, metrics)."""
     rows_per_step = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = len(train_rows) // rows_per_step
     steps = steps_per_epoch * cfg.epochs
     # the same validation rows at each report, as many as make one epoch's reports one pass
     subset = val_rows[:math.ceil(len(val_rows) / max(steps_per_epoch // cfg.eval_every, 1))]
-    masked = "; losses cover the responses only" if cfg.mask_prompt else ""
-    batch_text = f"{rows_per_step} ({cfg.batch_size} x {cfg.grad_accum})"
-    log(f"training: lr {cfg.lr:g}, effective batch {batch_text}, {steps} steps; validation on "
-        f"all {len(val_rows)} rows at start and end, the first {len(subset)} at each report{masked}")
-    started = time.time()
-    metrics = [first_point(model, train_rows, val_rows, cfg, device)]
-    tail = time.time() - started  # the final full validation costs about this much again
+    log(f"training: lr {cfg.lr:g}, effective batch {rows_per_step} ({cfg.batch_size} x "
+        f"{cfg.grad_accum}), {steps} steps; validation on {len(subset)} rows at each report")
+    first_batch = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)
+    metrics = [report(model, val_rows, cfg, device, first_batch, step=0, epoch=0, tokens=0, seconds=0)]
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    running_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
-    running_count = 0
+    losses = []  # (summed loss, target count) of each step since the last report
     tokens = 0
+    step = 0
     started = time.time()
-    for step in range(1, steps + 1):
-        epoch = (step - 1) // steps_per_epoch + 1
-        i = (step - 1) % steps_per_epoch  # the step within its epoch
-        if i == 0:
-            order = torch.randperm(len(train_rows), generator=shuffle).tolist()
-        batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
-        loss, count = optimizer_step(model, optimizer, batch, cfg, device)
-        running_loss += loss
-        running_count += count
-        tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
-        if step % cfg.eval_every == 0 or step == steps:
-            rows = val_rows if step == steps else subset
-            seconds = time.time() - started
-            train_loss = running_loss.item() / running_count  # the mean since the last report
-            metrics.append(report(model, rows, cfg, device, train_loss, step=step, epoch=epoch,
-                                  tokens=tokens, seconds=round(seconds, 2)))
-            running_loss.zero_()
-            running_count = 0
-            to_go = seconds / step * (steps - step) + tail
-            val_loss = metrics[-1]["val_loss"]
-            log(f"epoch {epoch} step {step}/{steps}: train {train_loss:.3f}, validation "
-                f"{val_loss:.3f} ({len(rows)} rows), {tokens / seconds:,.0f} tokens/s, "
-                f"{seconds:.0f}s elapsed, {to_go:.0f}s to go")
-        if i == steps_per_epoch - 1:
-            end_epoch(epoch, metrics, steps_per_epoch)
-    return metrics
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(len(train_rows), generator=shuffle).tolist()
+        for i in range(steps_per_epoch):
+            step += 1
+            batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
+            model.train()
+            losses.append(loss_and_backward(model, list(batches(batch, cfg)), device))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
+            if step % cfg.eval_every == 0 or step == steps:
+                train_loss = sum(loss for loss, _ in losses).item() / sum(n for _, n in losses)
+                losses = []  # the sum above stays on the device until .item(): one sync a report
+                rows = val_rows if step == steps else subset  # all of them at the end
+                seconds = round(time.time() - started, 2)
+                metrics.append(report(model, rows, cfg, device, train_loss, step=step,
+                                      epoch=epoch, tokens=tokens, seconds=seconds))
+        yield epoch, metrics
 
 # ---------------------------------------------------------------- the loss plot
-def _ticks(lo: float, hi: float) -> list:
-    """Round numbers from lo to hi, 4 to 10 of them."""
-    step = 10 ** math.floor(math.log10(max(hi - lo, 1e-9) / 4))
-    while (hi - lo) / step > 10:
-        step *= 2.5 if str(step)[0] == "2" else 2  # 1, 2, 5, 10, 20, 50, ...
-    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+def _text(x: float, y: float, label, anchor="middle", more="") -> str:
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{more}>{label}</text>'
 
-def _text(x: float, y: float, label, anchor="middle", color="black", extra="") -> str:
-    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" fill="{color}"{extra}>{label}</text>'
-
-def loss_svg(metrics, steps_per_epoch: int, w=720, h=420) -> str:
-    """Train and validation (dashed) loss against steps; epochs marked, tokens seen on top."""
-    left, right, top, bottom = 60, w - 20, 50, h - 50  # the plot area's edges, in pixels
+def loss_svg(metrics: list, steps_per_epoch: int) -> str:
+    """Train (solid) and validation (dashed) loss against optimizer steps, epochs marked."""
     losses = [m[k] for m in metrics for k in ("train_loss", "val_loss")]
-    margin = 0.05 * (max(losses) - min(losses)) + 1e-9
-    lo = min(losses) - margin
-    hi = max(losses) + margin
+    low = min(losses)
+    span = max(max(losses) - low, 1e-9)
     last = max(metrics[-1]["step"], 1)
 
-    def x(step):
-        return left + step / last * (right - left)
+    def x(step):  # the plot area is x 60 to 620, y 20 (the highest loss) to 350 (the lowest)
+        return 60 + 560 * step / last
 
     def y(loss):
-        return bottom - (loss - lo) / (hi - lo) * (bottom - top)
-    middle = (left + right) / 2
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-           'font-family="sans-serif" font-size="12">',
-           f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<path d="M{left},{top} V{bottom} H{right}" stroke="black" fill="none"/>',
-           _text(middle, h - 12, "optimizer step"),
-           _text(middle, top - 26, "tokens seen", color="gray"),
-           _text(14, h / 2, "loss", extra=f' transform="rotate(-90 14 {h / 2})"')]
-    for loss in _ticks(lo, hi):
-        svg.append(_text(left - 6, y(loss) + 4, f"{loss:g}", anchor="end"))
-    for step in _ticks(0, last):
-        tokens = min(metrics, key=lambda m: abs(m["step"] - step))["tokens"]  # the nearest report's
-        svg.append(_text(x(step), bottom + 16, f"{step:g}"))
-        svg.append(_text(x(step), top - 8, f"{tokens:,}", color="gray"))
+        return 350 - 330 * (loss - low) / span
+    svg = ['<svg xmlns="http://www.w3.org/2000/svg" width="640" height="400" font-size="12">',
+           '<rect width="640" height="400" fill="white"/>',
+           '<path d="M60,20 V350 H620" stroke="black" fill="none"/>',
+           _text(340, 390, "optimizer step"),
+           _text(20, 185, "loss", more=' transform="rotate(-90 20 185)"')]
+    for k in range(5):  # five evenly spaced ticks on each axis
+        step = round(last * k / 4)
+        loss = low + span * k / 4
+        svg.append(_text(x(step), 368, step))
+        svg.append(_text(54, y(loss) + 4, f"{loss:.2f}", "end"))
     for epoch in range(1, last // steps_per_epoch + 1):
         at = x(epoch * steps_per_epoch)
-        svg.append(f'<path d="M{at:.1f},{top} V{bottom}" stroke="gray" stroke-dasharray="2,4"/>')
-        svg.append(_text(at - 4, bottom - 6, f"epoch {epoch}", anchor="end", color="gray"))
-    lines = (("train_loss", "train", "#1f77b4", "none"), ("val_loss", "validation", "#f80", "6,4"))
-    for row, (key, name, color, dash) in enumerate(lines):
-        points = " ".join(f"{x(m['step']):.1f},{y(m[key]):.1f}" for m in metrics)
+        svg.append(f'<path d="M{at:.1f},20 V350" stroke="gray" stroke-dasharray="2,4"/>')
+        svg.append(_text(at - 4, 344, f"epoch {epoch}", "end", ' fill="gray"'))
+    curves = (("train_loss", "train", "#1f77b4", "none"), ("val_loss", "validation", "#f80", "6,4"))
+    for row, (key, name, color, dash) in enumerate(curves):
         style = f'stroke="{color}" stroke-width="2" fill="none" stroke-dasharray="{dash}"'
+        points = " ".join(f"{x(m['step']):.1f},{y(m[key]):.1f}" for m in metrics)
         svg.append(f'<polyline id="{name}" {style} points="{points}"/>')
-        svg.append(f'<path d="M{right - 130},{top + 20 + 16 * row} h24" {style}/>')  # the legend
-        svg.append(_text(right - 100, top + 24 + 16 * row, name, anchor="start"))
+        svg.append(f'<path d="M490,{34 + 16 * row} h24" {style}/>')  # the legend
+        svg.append(_text(520, 38 + 16 * row, name, "start"))
     return "\n".join(svg) + "\n</svg>\n"
 
 # ---------------------------------------------------------------- the run folder
-def beside(out: str, suffix: str) -> str:
-    """A hidden sibling of the run folder: runs/.x.saving for runs/x."""
-    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{suffix}")
-
-def restore(out: str):
-    """Undo a save cut between its two renames (Ctrl-C, a kill): the previous run comes back."""
-    if not os.path.exists(out) and os.path.exists(beside(out, "old")):
-        os.rename(beside(out, "old"), out)
+RESPONSES = "instruction-data-with-response"  # eval's file; the judge's files begin the same
+RUN_FILES = ("model.safetensors", "config.json", "metrics.jsonl", "loss.svg", "run.json")
 
 def claim_out(out: str):
-    """Check that --out can be written, and lock it against a second training; returns the lock."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file, not a run folder; pick another --out")
+    """Before the model loads: --out must be writable; its old answers and scores go."""
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        lock = open(f"{out}.lock", "w")  # beside the folder, which save_run swaps
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(out):
+            if name.startswith(RESPONSES):  # they belong to other weights
+                os.remove(os.path.join(out, name))
     except OSError as e:
         raise ValueError(f"cannot write the run folder {out} ({e.strerror}); pick another --out")
-    try:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go when the process ends
-    except OSError:
-        raise ValueError(f"another training is writing {out}; wait, or pick another --out")
-    restore(out)
-    return lock
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"cannot write the run folder {out}; pick another --out")
 
 def save_run(model, cfg, metrics: list, steps_per_epoch: int, epoch: int):
-    """Write the whole run into a new folder, then swap it in: --out never mixes two runs' files."""
-    staging = beside(cfg.out, "saving")
-    old = beside(cfg.out, "old")
-    for leftover in (staging, old):  # from a save that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
+    """Every file under a temp name first, then the renames, run.json last: no two runs mixed."""
+    staging = os.path.join(cfg.out, ".saving")
     if cfg.lora_rank:  # a copy with the adapters folded in (a plain GPT-2); training goes on
         model = gpt.merge_lora(copy.deepcopy(model))
-    gpt.save_pretrained(model, staging)
-    lines = "".join(json.dumps(m) + "\n" for m in metrics)
-    gpt.write_text(os.path.join(staging, "metrics.jsonl"), lines)
-    gpt.write_text(os.path.join(staging, "loss.svg"), loss_svg(metrics, steps_per_epoch))
-    settings = {**asdict(cfg), "epochs_done": epoch}
-    gpt.write_text(os.path.join(staging, "run.json"), json.dumps(settings, indent=2))
-    if os.path.exists(cfg.out):
-        os.rename(cfg.out, old)  # the previous run goes as a whole, its responses and scores too
-    os.rename(staging, cfg.out)
-    shutil.rmtree(old, ignore_errors=True)
-
-def what_was_kept(out: str) -> str:
-    """After Ctrl-C: which epoch the run folder holds."""
-    restore(out)
-    if not os.path.exists(os.path.join(out, "run.json")):
-        return "no epoch finished; nothing was saved"
-    return f"{out} holds epoch {read_json(os.path.join(out, 'run.json'))['epochs_done']}"
+    try:
+        gpt.save_pretrained(model, staging)
+        metrics_lines = "".join(json.dumps(m) + "\n" for m in metrics)
+        gpt.write_text(os.path.join(staging, "metrics.jsonl"), metrics_lines)
+        gpt.write_text(os.path.join(staging, "loss.svg"), loss_svg(metrics, steps_per_epoch))
+        settings = json.dumps({**asdict(cfg), "epochs_done": epoch}, indent=2)
+        gpt.write_text(os.path.join(staging, "run.json"), settings)
+        for name in RUN_FILES:
+            os.replace(os.path.join(staging, name), os.path.join(cfg.out, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 def train(cfg: TrainConfig):
-    lock = claim_out(cfg.out)  # first: an unwritable --out must not cost a training
+    claim_out(cfg.out)  # first: an unwritable --out must not cost a training
     enc = tokenizer()
     device = pick_device(cfg.device)
     model = load_model(cfg.model, cfg.seed)
@@ -430,54 +333,49 @@ def train(cfg: TrainConfig):
     log(f"model: {cfg.model} on {device}, {trainable:,} trainable of {total:,} parameters")
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-
-    def end_epoch(epoch, metrics, steps_per_epoch):
-        answer = respond(model, val_e[:1], enc, cfg.style, 50)[0]  # as the book, after each epoch
-        log(f"epoch {epoch} sample response to {val_e[0]['instruction']!r}: {answer!r}")
-        save_run(model, cfg, metrics, steps_per_epoch, epoch)
+    steps_per_epoch = len(train_rows) // (cfg.batch_size * cfg.grad_accum)
+    kept = "no epoch finished; nothing was saved"
     try:
-        metrics = run_steps(model, optimizer, train_rows, val_rows, cfg, device, end_epoch)
+        for epoch, metrics in run_epochs(model, optimizer, train_rows, val_rows, cfg, device,
+                                         steps_per_epoch):
+            answer = respond(model, val_e[:1], enc, cfg.style, 50)[0]  # as the book, each epoch
+            log(f"epoch {epoch} sample response to {val_e[0]['instruction']!r}: {answer!r}")
+            save_run(model, cfg, metrics, steps_per_epoch, epoch)
+            kept = f"{cfg.out} holds epoch {epoch}"
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(what_was_kept(cfg.out)) from None
+        raise KeyboardInterrupt(kept) from None
     log(f"trained in {metrics[-1]['seconds']:.1f}s; validation loss {metrics[-1]['val_loss']:.3f}")
-    lock.close()
 
 # ---------------------------------------------------------------- responses and commands
-def respond(model, entries, enc, style="alpaca", max_new_tokens=256, batch_size=32) -> list:
-    """Each entry's greedy answer: the text of the new tokens only."""
+def respond(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False) -> list:
+    """Each entry's greedy answer (its new tokens as text), 32 prompts of like length at a time."""
+    model.eval()
     prompts = [enc.encode_ordinary(format_prompt(e, style)) for e in entries]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch well
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
-    for k in range(0, len(order), batch_size):
-        chunk = order[k:k + batch_size]
-        batch = [prompts[i] for i in chunk]
-        for i, ids in zip(chunk, gpt.generate(model, batch, max_new_tokens, eos_id=EOT)):
+    for k in range(0, len(order), 32):
+        chunk = order[k:k + 32]
+        new_ids = gpt.generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_id=EOT)
+        for i, ids in zip(chunk, new_ids):
             answers[i] = enc.decode(ids).strip()  # back in the entries' order
+        if progress:  # minutes for gpt2-medium on a CPU
+            log(f"answered {k + len(chunk)} of {len(prompts)}")
     return answers
 
 def load_run(out: str, device: str):
     """The trained model and the settings of a run folder written by train."""
-    restore(out)
-    path = os.path.join(out, "run.json")
-    if not os.path.exists(path):
-        raise ValueError(f"{out}: holds no trained run (no run.json); train one with --out {out}")
-    settings = read_json(path)
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path}: not a JSON object of training settings")
-    settings.pop("epochs_done", None)
-    unknown = settings.keys() - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"{path}: unknown setting {sorted(unknown)[0]!r}")
-    try:
+    try:  # no run there, or a hand-edited run.json or config.json: one line, whatever is wrong
+        with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
+            settings = json.load(f)
+        settings.pop("epochs_done", None)
         cfg = TrainConfig(**settings)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return load_model(out).to(pick_device(device)), cfg
+        model = load_model(out)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{out}: holds no run that train wrote ({e}); train one there") from None
+    return model.to(pick_device(device)), cfg
 
 def generate_command(a):
     """generate: the answer alone on stdout, so it composes in pipes."""
-    if a.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, not {a.max_new_tokens}")
     model, cfg = load_run(a.out, a.device)
     entry = {"instruction": a.instruction, "input": a.input}
     print(respond(model, [entry], tokenizer(), cfg.style, a.max_new_tokens)[0])
@@ -488,52 +386,40 @@ def judge_file(path: str, key: str, a):
     for i, e in enumerate(entries):
         if not isinstance(e.get(key), str):
             raise ValueError(f"{path}: entry {i} has no string {key!r}; pick the field with --key")
-    asked = [e for e in entries if e[key].strip()]  # an empty response scores 0 without asking
     marker = STYLES["alpaca"][2]
-    prompts = [format_prompt(e).removesuffix(marker) for e in asked]  # the book asks without it
-    prompts = [judge.judge_prompt(p, e["output"], e[key]) for p, e in zip(prompts, asked)]
+    prompts = [format_prompt(e).removesuffix(marker) for e in entries]  # the book asks without it
+    prompts = [judge.judge_prompt(p, e["output"], e[key]) for p, e in zip(prompts, entries)]
     stem = path.removesuffix(".json")
-    scores = iter(judge.score_all(prompts, stem + "-scores.jsonl", a.judge, a.url, a.timeout))
-    entries = [{**e, "score": next(scores) if e[key].strip() else 0} for e in entries]
-    result = judge.summary([e["score"] for e in entries], a.judge)
+    scores = judge.score_all(prompts, stem + "-scores.jsonl", a.judge, a.url, a.timeout)
+    entries = [{**e, "score": score} for e, score in zip(entries, scores)]
+    scored = [e["score"] for e in entries if e["score"] is not None]  # None: no score in the reply
+    average = sum(scored) / max(len(scored), 1)
+    result = {"judge": a.judge, "average": average, "scored": len(scored), "total": len(entries)}
     gpt.write_text(stem + "-scores.json", json.dumps({**result, "entries": entries}, indent=2))
-    average = result["average"] or 0
-    print(f"Average score: {average:.2f} ({result['scored']} of {result['total']} scored)")
-
-def judge_command(a):
-    judge_file(a.file, a.key, a)
+    print(f"Average score: {average:.2f} ({len(scored)} of {len(entries)} scored)")
 
 def eval_command(a):
     """eval: the test split's responses, saved, then scored by the judge (checked first)."""
     model, cfg = load_run(a.out, a.device)
-    judge_problem = None
     try:
         judge.preflight(a.judge, a.url)
-    except ValueError as e:  # said now, not after the responses
-        judge_problem = e
+    except ValueError as e:  # said now, not after minutes of answering
         log(f"warning: {e}; the responses will still be generated and saved")
     test = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)[2]
-    started = time.time()
-    responses = respond(model, test, tokenizer(), cfg.style)
-    path = os.path.join(a.out, "instruction-data-with-response.json")
+    responses = respond(model, test, tokenizer(), cfg.style, progress=True)
+    path = os.path.join(a.out, RESPONSES + ".json")
     answered = [{**e, "model_response": r} for e, r in zip(test, responses)]
     gpt.write_text(path, json.dumps(answered, indent=2))
-    log(f"{len(test)} test responses in {time.time() - started:.1f}s -> {path}")
     for e in answered[:3]:  # as the book shows them
         log(f"\n{e['instruction']}\n\nCorrect response:\n>> {e['output']}\n\n"
             f"Model response:\n>> {e['model_response']}\n{'-' * 40}")
     empty = sum(not r.strip() for r in responses)
-    if empty:
-        log(f"warning: {empty} of {len(responses)} responses are empty; they score 0")
+    log(f"{len(test)} test responses -> {path}; {empty} of them empty")
     later = f"the responses are saved: score them with python sft.py judge {path}"
-    if judge_problem:
-        raise ValueError(f"{judge_problem}; {later}")
     try:
         judge_file(path, "model_response", a)
     except ValueError as e:  # the scores so far are kept: the same command asks only the rest
         raise ValueError(f"{e}; {later}") from None
-
-OUT_OF_MEMORY = "error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)"
 
 def run_cli(command, *args):
     """Run a command: a user error or Ctrl-C is one line on stderr and a non-zero exit."""
@@ -541,38 +427,23 @@ def run_cli(command, *args):
         command(*args)
     except (ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message held
-    except (torch.OutOfMemoryError, MemoryError):  # a GPU's; the CPU allocator's is below
-        sys.exit(OUT_OF_MEMORY)
-    except RuntimeError as e:
-        if "can't allocate memory" not in str(e):
-            raise
-        sys.exit(OUT_OF_MEMORY)
+    except torch.OutOfMemoryError:
+        sys.exit("error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)")
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted: {str(e) or 'the files written so far are whole'}")
 
 # ---------------------------------------------------------------- command line
-ENVIRONMENT = """environment:
-  HF_ENDPOINT          hub mirror for --model downloads (default https://huggingface.co)
-  XDG_CACHE_HOME       downloads go to $XDG_CACHE_HOME/gpt2-sft (default ~/.cache/gpt2-sft)
-  TIKTOKEN_CACHE_DIR   tiktoken's BPE files (default: the copy in data/tiktoken-cache)
-  OLLAMA_HOST          the judge's server (default http://localhost:11434)"""
-
 def main(argv=None):
-    layout = {"epilog": ENVIRONMENT, "formatter_class": argparse.RawTextHelpFormatter}
-    about = "Instruction finetuning of GPT-2 (Build a Large Language Model From Scratch, ch. 7)."
-    ap = argparse.ArgumentParser(description=about, **layout)
+    about = "Instruction finetuning of GPT-2, as chapter 7 of the book. Environment: README.md."
+    ap = argparse.ArgumentParser(description=about)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="finetune a model into a run folder", **layout)
+    tr = sub.add_parser("train", help="finetune a model into a run folder")
     for f in fields(TrainConfig):  # one flag per field: --batch-size fills batch_size
-        flag = "--" + f.name.replace("_", "-")
         text = f.metadata["help"]
-        if f.type is bool:
-            tr.add_argument(flag, action="store_true", help=text)
-            continue
         if f.default is not None and "default" not in text:
             text += f" (default {f.default})"
-        choices = list(STYLES) if f.name == "style" else None
-        tr.add_argument(flag, type=f.type, default=f.default, choices=choices, help=text)
+        kind = {"action": "store_true"} if f.type is bool else {"type": f.type}
+        tr.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=text, **kind)
     ev = sub.add_parser("eval", help="answer the test split, then score the answers with a judge")
     ju = sub.add_parser("judge", help="score a responses file (the book's format) with a judge")
     ju.add_argument("file", help="a JSON list of entries with the response under --key")
@@ -593,7 +464,8 @@ def main(argv=None):
         settings = {f.name: getattr(a, f.name) for f in fields(TrainConfig)}
         run_cli(lambda: train(TrainConfig(**settings)))
         return
-    commands = {"eval": eval_command, "generate": generate_command, "judge": judge_command}
+    commands = {"eval": eval_command, "generate": generate_command,
+                "judge": lambda a: judge_file(a.file, a.key, a)}
     run_cli(commands[a.cmd], a)
 
 if __name__ == "__main__":

@@ -36,59 +36,42 @@ class Bodies(list):
         self.paths = []
 
 
-def ollama(replies=("85",), stream=True, models=("llama3:latest",), status=200, error=None, stall=False,
-           lines=None, tags=None, fail_from=None, endless=False, done=True):
-    """A stand-in Ollama on 127.0.0.1 (under any path prefix): /api/version, /api/tags and /api/chat.
+def ollama(replies=("85",), models=("llama3:latest",), status=200, error=None, stall=False, tags=None,
+           fail_from=None, body=None):
+    """A stand-in Ollama on 127.0.0.1 (under any path prefix): GET /api/tags and POST /api/chat, answered as
+    Ollama answers "stream": false, one JSON object. Records each chat body (and its path in .paths).
 
-    Records each chat body (and its path in .paths). lines: raw NDJSON lines sent instead of a reply;
-    tags: a raw /api/tags body; fail_from: HTTP 500 from that chat request on (1-based); endless: a stream
-    that never ends; done=False: the stream stops before its done line."""
+    tags: a raw /api/tags body; fail_from: HTTP 500 from that chat request on (1-based); stall: no reply for 3 s;
+    body: raw bytes sent as the chat reply (a cut or malformed one)."""
     import json
     import time
     bodies = Bodies()
-    paths = bodies.paths
 
     class Ollama(http.server.BaseHTTPRequestHandler):
         def send(self, code, obj):
+            raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
             self.send_response(code)
+            self.send_header("Content-Length", str(len(raw)))
             self.end_headers()
-            self.wfile.write(obj if isinstance(obj, bytes) else json.dumps(obj).encode())
-
-        def line(self, obj):
-            self.wfile.write((json.dumps(obj) + "\n").encode())
-            self.wfile.flush()
+            self.wfile.write(raw)
 
         def do_GET(self):
-            if self.path.endswith("/api/version"):
-                return self.send(200, {"version": "0.9.0"})
             self.send(200, tags if tags is not None else {"models": [{"name": m} for m in models]})
 
         def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            bodies.append(body)
-            paths.append(self.path)
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            bodies.paths.append(self.path)
             failing = fail_from is not None and len(bodies) >= fail_from
             if status != 200 or failing:
                 return self.send(500 if failing else status, {"error": error or "boom"})
-            reply = replies[(len(bodies) - 1) % len(replies)]
-            if not stream:
-                return self.send(200, {"message": {"role": "assistant", "content": reply}, "done": True})
-            self.send_response(200)
-            self.end_headers()
-            if lines is not None:
-                return self.wfile.write(b"".join(lines))
-            half = len(reply) // 2
-            for part in (reply[:half], reply[half:]):
-                self.line({"message": {"content": part}, "done": False})
-            while endless:
-                self.line({"message": {"content": " and"}, "done": False})
-                time.sleep(0.05)
-            if error:
-                self.line({"error": error})
             if stall:
                 time.sleep(3)
-            if done:
-                self.line({"message": {"content": ""}, "done": True})
+            if body is not None:
+                self.send_response(200)
+                self.end_headers()
+                return self.wfile.write(body)
+            reply = replies[(len(bodies) - 1) % len(replies)]
+            self.send(200, {"message": {"role": "assistant", "content": reply}, "done": True})
 
         def log_message(self, *a):
             pass

@@ -58,23 +58,20 @@ def test_a_local_checkpoint_trains_writes_the_run_directory_and_evaluates(tmp_pa
     assert lines.keys() == {"train", "validation"} and lines["validation"].get("stroke-dasharray") != "none"
     assert len(lines["train"].get("points").split()) == len(metrics)  # a point per report
     texts = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
-    assert {"epoch 1", "epoch 2", "tokens seen", "optimizer step", "loss", "train", "validation"} <= set(texts)
+    assert {"epoch 1", "epoch 2", "optimizer step", "loss", "train", "validation"} <= set(texts)
     y_ticks = [float(t.text) for t in svg.iter("{http://www.w3.org/2000/svg}text")
                if t.get("text-anchor") == "end" and t.get("fill") != "gray"]
     losses = [m[k] for m in metrics for k in ("train_loss", "val_loss")]
-    spread = max(losses) - min(losses)
-    assert len(y_ticks) >= 3 and all(min(losses) - spread / 10 <= t <= max(losses) + spread / 10 for t in y_ticks)
-    token_labels = [int(t.text.replace(",", "")) for t in svg.iter("{http://www.w3.org/2000/svg}text")
-                    if t.get("fill") == "gray" and t.text.replace(",", "").isdigit()]
-    assert token_labels[0] == 0 and max(token_labels) <= metrics[-1]["tokens"] and len(token_labels) >= 3
+    assert y_ticks[0] == pytest.approx(min(losses), abs=0.01) and y_ticks[-1] == pytest.approx(max(losses), abs=0.01)
+    x_ticks = [int(t.text) for t in svg.iter("{http://www.w3.org/2000/svg}text") if t.get("y") == "368.0"]
+    assert x_ticks == [0, 4, 8, 12, 16]  # evenly spaced, from the first step to the last, none repeated
     url, bodies = ollama(replies=["Score: 80", "70", "I'd rate it 90 out of 100.", "no idea"])
     monkeypatch.setenv("OLLAMA_HOST", url)
     code, _, err = run(capsys, "eval", "--out", out)
     responses = json.loads((out / "instruction-data-with-response.json").read_text())
     assert len(responses) == 4 and all("model_response" in r for r in responses)
     scores = json.loads((out / "instruction-data-with-response-scores.json").read_text())
-    asked = [e for e in scores["entries"] if e["model_response"].strip()]
-    assert len(bodies) == len(asked) and code == 0, err
+    assert len(bodies) == 4 and code == 0, err
     got = [e["score"] for e in scores["entries"] if e["score"] is not None]
     assert scores["average"] == pytest.approx(sum(got) / len(got)) and scores["total"] == 4
 
@@ -85,24 +82,23 @@ def small_data(tmp_path):
 
 
 ERRORS = {
-    "missing data": (["train", "--model", "tiny", "--data", "{tmp}/nope.json"], "nope.json: cannot read"),
-    "malformed data": (["train", "--model", "tiny", "--data", "{tmp}/bad.json"], "malformed JSON at line 1"),
+    "missing data": (["train", "--model", "tiny", "--data", "{tmp}/nope.json"], "nope.json: cannot read JSON (No such file"),
+    "malformed data": (["train", "--model", "tiny", "--data", "{tmp}/bad.json"], "bad.json: cannot read JSON (Expecting"),
     "too few entries": (["train", "--model", "tiny", "--data", "{data}", "--limit", "9"], "too few to split"),
     "unknown local model": (["train", "--model", "./no/such/model", "--data", "{data}"], "no such folder"),
-    "vocabulary too small": (["train", "--model", str(FIXTURE), "--data", "{data}"], "has 512 tokens; the GPT-2 tokenizer needs 50257"),
     "negative epochs": (["train", "--model", "tiny", "--data", "{data}", "--epochs", "-1"], "--epochs must be a positive number"),
     "zero batch size": (["train", "--model", "tiny", "--data", "{data}", "--batch-size", "0"], "--batch-size must be a positive number"),
     "unavailable device": (["train", "--model", "tiny", "--data", "{data}", "--device", "tpu"], "--device tpu is not available here"),
     "zero learning rate": (["train", "--model", "tiny", "--data", "{data}", "--lr", "0"], "--lr must be a positive number"),
     "infinite learning rate": (["train", "--model", "tiny", "--data", "{data}", "--lr", "inf"], "--lr must be a positive"),
     "NaN LoRA alpha": (["train", "--model", "tiny", "--data", "{data}", "--lora-alpha", "nan"], "--lora-alpha must be"),
+    "negative LoRA rank": (["train", "--model", "tiny", "--data", "{data}", "--lora-rank", "-2"], "--lora-rank must be"),
+    "unknown style": (["train", "--model", "tiny", "--data", "{data}", "--style", "chatml"], "--style chatml: not one of alpaca, phi3"),
     "malformed device": (["train", "--model", "tiny", "--data", "{data}", "--device", "cpu:abc"], "--device cpu:abc is not available"),
-    "nested data": (["train", "--model", "tiny", "--data", "{tmp}/deep.json"], "deep.json: the JSON is nested too deeply"),
-    "every prompt masked away": (["train", "--model", "tiny", "--data", "{data}", "--mask-prompt", "--max-length", "20"],
-                                 "no training row keeps a response token within --max-length 20"),
-    "no answer tokens": (["generate", "--out", "{tmp}", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-    "eval of an empty folder": (["eval", "--out", "{tmp}"], "holds no trained run"),
-    "generate of an empty folder": (["generate", "--out", "{tmp}", "hi"], "holds no trained run"),
+    "nested data": (["train", "--model", "tiny", "--data", "{tmp}/deep.json"], "deep.json: cannot read JSON (maximum recursion"),
+    "batch over the rows": (["train", "--model", "tiny", "--data", "{data}", "--batch-size", "9"], "is over the 8 training rows"),
+    "eval of an empty folder": (["eval", "--out", "{tmp}"], "holds no run that train wrote"),
+    "generate of an empty folder": (["generate", "--out", "{tmp}", "hi"], "holds no run that train wrote"),
 }
 
 
@@ -125,8 +121,9 @@ def test_hub_404_through_the_cli_is_one_line_without_traceback(tmp_path, small_d
     p = subprocess.run([sys.executable, "sft.py", "train", "--model", "nobody/nothing", "--data", small_data, "--out",
                         str(tmp_path / "run")], capture_output=True, text=True, env=env, cwd=os.path.dirname(sft.__file__))
     assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1].startswith("error: ") and "nobody/nothing" in p.stderr and "not found" in p.stderr
-    assert not (tmp_path / "run").exists()
+    assert len(p.stderr.strip().splitlines()) == 1  # no warning from an import either
+    assert p.stderr.strip().splitlines()[-1].startswith("error: ") and "nobody/nothing" in p.stderr and "not found" in p.stderr.lower()
+    assert not (tmp_path / "run" / "run.json").exists()
 
 
 def test_eval_without_ollama_keeps_the_responses_and_says_how_to_score_later(tmp_path, capsys, monkeypatch):
@@ -137,7 +134,7 @@ def test_eval_without_ollama_keeps_the_responses_and_says_how_to_score_later(tmp
     code, _, err = run(capsys, "eval", "--out", out)
     assert isinstance(code, str) and "cannot reach Ollama" in code and "ollama serve" in code
     assert f"python sft.py judge {out}/instruction-data-with-response.json" in code and "\n" not in code
-    assert err.index("warning: cannot reach Ollama") < err.index("test responses in")  # said before generating
+    assert err.index("warning: cannot reach Ollama") < err.index("answered 1 of 1")  # said before generating
     assert "Correct response:\n>> " + MEMO[8][2] in err and "Model response:\n>> " in err  # the book's example print
     assert len(json.loads((out / "instruction-data-with-response.json").read_text())) == 1
     assert not (out / "instruction-data-with-response-scores.json").exists()
@@ -166,6 +163,14 @@ def test_ctrl_c_during_training_keeps_the_last_finished_epoch_and_says_so(tmp_pa
     kept = json.loads((out / "run.json").read_text())["epochs_done"]
     assert kept >= 2 and last == f"interrupted: {out} holds epoch {kept}"  # what was kept, truthfully
     assert sorted(os.listdir(out)) == ["config.json", "loss.svg", "metrics.jsonl", "model.safetensors", "run.json"]
+
+
+def test_ctrl_c_before_the_first_epoch_says_nothing_was_saved(tmp_path, small_data, capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sft, "loss_and_backward", interrupted)
+    code, _, _ = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", tmp_path / "run")
+    assert code == "interrupted: no epoch finished; nothing was saved"
 
 
 def fake_run(tmp_path, entries, **settings):
@@ -207,38 +212,21 @@ def test_training_caps_max_length_at_a_short_model_context(tmp_path, capsys):
     assert all(m["val_loss"] > 0 for m in metrics)
 
 
-@pytest.mark.parametrize("edit,message", [({"epochs": "2"}, "run.json: epochs must be of type int, not '2'"),
-                                          ({"lr": "fast"}, "run.json: lr must be of type float"),
-                                          ({"colour": "red"}, "run.json: unknown setting 'colour'"),
-                                          ({"style": "chatml"}, "run.json: --style chatml: not one of alpaca, phi3")])
-def test_a_hand_edited_run_json_names_the_setting_that_is_wrong(tmp_path, capsys, edit, message):
+@pytest.mark.parametrize("edit", [{"epochs": "2"}, {"lr": "fast"}, {"colour": "red"}, {"style": "chatml"}])
+def test_a_hand_edited_run_json_is_one_line_naming_the_folder(tmp_path, capsys, edit):
     out = fake_run(tmp_path, MEMO)
     settings = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps({**settings, **edit}))
     code, _, _ = run(capsys, "generate", "--out", out, "hi")
-    assert isinstance(code, str) and message in code and "holds no trained run" not in code
-
-
-def test_a_bad_style_is_its_own_argparse_error(tmp_path, capsys):
-    code, _, err = run(capsys, "train", "--model", "tiny", "--style", "chatml", "--out", tmp_path / "run")
-    assert code == 2 and "--style: invalid choice: 'chatml' (choose from alpaca, phi3)" in err.replace("'alpaca', 'phi3'", "alpaca, phi3")
+    assert isinstance(code, str) and code.startswith(f"error: {out}: holds no run that train wrote (") and "\n" not in code
 
 
 def test_an_unwritable_out_is_found_before_training(tmp_path, capsys, small_data):
     (tmp_path / "taken").write_text("a file where the run folder would go")
     code, _, err = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", tmp_path / "taken")
-    assert isinstance(code, str) and "is a file" in code and "initial loss" not in err
+    assert isinstance(code, str) and "cannot write the run folder" in code and "step 0" not in err
     code, _, err = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", tmp_path / "taken" / "run")
-    assert isinstance(code, str) and "cannot write the run folder" in code and "initial loss" not in err
-
-
-def test_a_second_training_into_the_same_out_is_refused(tmp_path, capsys, small_data):
-    import fcntl
-    out = tmp_path / "run"
-    with open(f"{out}.lock", "w") as held:  # as a training in another process holds it
-        fcntl.flock(held, fcntl.LOCK_EX)
-        code, _, err = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", out)
-    assert isinstance(code, str) and "another training is writing" in code and not out.exists()
+    assert isinstance(code, str) and "cannot write the run folder" in code and "step 0" not in err
 
 
 def test_retraining_replaces_the_run_folder_as_a_whole(tmp_path, capsys, small_data):
@@ -247,23 +235,37 @@ def test_retraining_replaces_the_run_folder_as_a_whole(tmp_path, capsys, small_d
     try:
         assert run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", out, "--epochs", 1)[0] == 0
         (out / "instruction-data-with-response.json").write_text("[]")  # the first run's responses
+        (out / "instruction-data-with-response-scores.jsonl").write_text("")  # and their scores
         assert run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", out, "--epochs", 1,
                    "--style", "phi3")[0] == 0
     finally:
         os.umask(old_umask)
     assert json.loads((out / "run.json").read_text())["style"] == "phi3"
     assert sorted(os.listdir(out)) == ["config.json", "loss.svg", "metrics.jsonl", "model.safetensors", "run.json"]
-    assert sorted(os.listdir(tmp_path)) == ["d.json", "run", "run.lock"]  # no staging or old folder left
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o640  # the umask is honoured
-    assert run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", f"{out}/", "--epochs", 1)[0] == 0
-    assert sorted(os.listdir(tmp_path)) == ["d.json", "run", "run.lock"]  # "run/" is the same folder
 
 
-@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")])
-def test_out_of_memory_is_one_line_with_the_fix(tmp_path, capsys, small_data, monkeypatch, error):
+def test_a_save_cut_short_leaves_the_previous_epoch_whole(tmp_path, capsys, small_data, monkeypatch):
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", out, "--epochs", 1)[0] == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    saved = []
+
+    def full_disk_at_the_plot(path, text):  # the weights and config are staged, then the disk fills
+        if path.endswith("loss.svg"):
+            raise ValueError(f"cannot write {path}: No space left on device")
+        saved.append(path)
+        return write_text(path, text)
+    write_text = gpt.write_text
+    monkeypatch.setattr(gpt, "write_text", full_disk_at_the_plot)
+    code, _, _ = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", out, "--epochs", 1, "--seed", 7)
+    assert "No space left" in code and saved  # it failed partway through a save
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # nothing of the new run
+
+
+def test_out_of_memory_is_one_line_with_the_fix(tmp_path, capsys, small_data, monkeypatch):
     def no_memory(*args):
-        raise error
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(sft, "loss_and_backward", no_memory)
     code, _, _ = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", tmp_path / "run")
     assert code == "error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)"
@@ -272,26 +274,7 @@ def test_out_of_memory_is_one_line_with_the_fix(tmp_path, capsys, small_data, mo
 def test_a_diverging_run_stops_without_writing_nan(tmp_path, capsys, small_data):
     code, _, _ = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", tmp_path / "run",
                      "--lr", "1e30", "--eval-every", 1)
-    assert isinstance(code, str) and "training diverged" in code and not (tmp_path / "run").exists()
-
-
-def test_ctrl_c_while_torch_is_importing_is_one_line(tmp_path):
-    import signal
-    import time
-    p = subprocess.Popen([sys.executable, "sft.py", "train", "--model", "tiny", "--out", str(tmp_path / "run")],
-                         stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(sft.__file__))
-    time.sleep(0.3)  # torch takes a second or more to import
-    p.send_signal(signal.SIGINT)
-    err = p.communicate(timeout=60)[1]
-    assert p.returncode != 0 and "Traceback" not in err
-
-
-def test_a_swap_cut_between_its_renames_is_undone_on_ctrl_c(tmp_path):
-    out = tmp_path / "run"
-    (tmp_path / ".run.old").mkdir()  # save_run renamed the old run away, then the signal came
-    (tmp_path / ".run.old" / "run.json").write_text(json.dumps({"epochs_done": 3}))
-    assert sft.what_was_kept(str(out)) == f"{out} holds epoch 3"
-    assert (out / "run.json").exists() and not (tmp_path / ".run.old").exists()
+    assert isinstance(code, str) and "training diverged" in code and not (tmp_path / "run" / "run.json").exists()
 
 
 def test_eval_whose_judge_fails_midway_keeps_its_scores_and_says_how_to_go_on(tmp_path, capsys, monkeypatch):
@@ -303,8 +286,7 @@ def test_eval_whose_judge_fails_midway_keeps_its_scores_and_says_how_to_go_on(tm
     assert "HTTP 500" in code and f"score them with python sft.py judge {path}" in code
     url, bodies = ollama(replies=["90"])
     code, stdout, _ = run(capsys, "judge", path, "--url", url)
-    asked = [r for r in json.loads(path.read_text()) if r["model_response"].strip()]
-    assert code == 0 and len(bodies) == len(asked) - 1  # the first score was kept
+    assert code == 0 and len(bodies) == 2  # of the 3 test responses, the first score was kept
 
 
 def test_a_message_with_line_breaks_still_ends_as_one_line():
@@ -313,10 +295,3 @@ def test_a_message_with_line_breaks_still_ends_as_one_line():
     with pytest.raises(SystemExit) as e:
         sft.run_cli(fails)
     assert e.value.code == "error: cannot download http://x (SSH-2.0-OpenSSH_9.2 ): check the network"
-
-
-def test_a_run_folder_left_between_the_renames_of_a_killed_save_is_restored(tmp_path, capsys):
-    out = fake_run(tmp_path, MEMO)
-    out.rename(tmp_path / ".run.old")  # as after SIGKILL between save_run's two renames
-    code, stdout, _ = run(capsys, "generate", "--out", out, "hi", "--max-new-tokens", 3)
-    assert code == 0 and stdout and (out / "run.json").exists()

@@ -51,11 +51,12 @@ def test_loader_names_the_tensor_whose_shape_disagrees_with_the_config(tmp_path)
     tensors["h.1.mlp.c_fc.bias"] = torch.zeros(7)
     gpt.write_safetensors(tmp_path / "model.safetensors", tensors)
     (tmp_path / "config.json").write_text((FIXTURE / "config.json").read_text())
-    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.bias: shape \(7,\), config says \(128,\)"):
+    with pytest.raises(ValueError, match=r"(?s)not a GPT-2 checkpoint .*mismatch for h\.1\.mlp\.c_fc\.bias.*\[7\].*\[128\]"):
         gpt.from_pretrained(str(tmp_path))
     del tensors["h.1.mlp.c_fc.bias"]
+    tensors["h.1.extra"] = torch.zeros(1)
     gpt.write_safetensors(tmp_path / "model.safetensors", tensors)
-    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.bias: missing"):
+    with pytest.raises(ValueError, match=r'(?s)Missing key.*"h\.1\.mlp\.c_fc\.bias".*Unexpected key.*"h\.1\.extra"'):
         gpt.from_pretrained(str(tmp_path))
 
 
@@ -103,49 +104,39 @@ def raw_file(tmp_path, header, data=b"", n=None):
 
 
 F4 = {"dtype": "F32", "shape": [1]}
-BAD_FILES = {
-    "truncated": (b"", b"", None, "truncated"),
-    "header length past the end": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 4, 500, "past the"),
-    "header over 100 MB": (b"{}", b"", 200_000_000, "over 100 MB"),
-    "not JSON": (b"{nope", b"", None, "not JSON"),
-    "overlapping": ({"a": {**F4, "data_offsets": [0, 4]}, "b": {**F4, "data_offsets": [2, 6]}}, b"\0" * 6, None, "b spans bytes 2 to 6; .* needs 4 to 8"),
-    "hole": ({"a": {**F4, "data_offsets": [0, 4]}, "b": {**F4, "data_offsets": [8, 12]}}, b"\0" * 12, None, "b spans bytes 8 to 12; .* needs 4 to 8"),
-    "size mismatch": ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 0 to 12"),
-    "unknown dtype": ({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0", None, "needs a known dtype"),
-    "shape not numbers": ({"a": {"dtype": "F32", "shape": "abc", "data_offsets": [0, 4]}}, b"\0" * 4, None, "a shape of integers >= 0"),
-    "float dim": ({"a": {"dtype": "F32", "shape": [4.5], "data_offsets": [0, 16]}}, b"\0" * 16, None, "a shape of integers >= 0"),
-    "bool dim": ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, None, "a shape of integers >= 0"),
-    "Infinity dim": (b'{"a":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,4]}}', b"\0" * 4, None, "Infinity is not"),
-    "negative dim": ({"a": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "a shape of integers >= 0"),
-    "dim past 2**63": ({"a": {"dtype": "F32", "shape": [2**64, 0], "data_offsets": [0, 0]}}, b"", None, "a shape of integers >= 0"),
-    "list as dtype": ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "needs a known dtype"),
-    "three offsets": ({"a": {**F4, "data_offsets": [0, 4, 8]}}, b"\0" * 4, None, "two integer data_offsets"),
-    "string offsets": ({"a": {**F4, "data_offsets": ["0", "4"]}}, b"\0" * 4, None, "two integer data_offsets"),
-    "metadata not strings": ({"__metadata__": {"v": 1}, "a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 4, None,
-                             "__metadata__ is not an object of strings"),
-    "NaN literal": (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":NaN}}', b"\0" * 4, None, "NaN is not a JSON"),
-    "header a list": (b"[1, 2]", b"", None, "not a JSON object"),
-    "header not UTF-8": (b'{"\xff": 1}', b"", None, "can't decode"),
-    "deep nesting": (b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}", b"", None, "nested too deeply"),
-    "trailing bytes": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 9, None, "file has"),
-    "data cut short": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 2, None, "file has"),
+BAD_FILES = {  # the rules a student needs; anything else malformed surfaces through the same one line
+    "shorter than the length": (b"", b"", None, "does not fit"),
+    "header length past the end": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 4, 500, "does not fit"),
+    "not JSON": (b"{nope", b"", None, "JSONDecodeError"),
+    "header a list": (b"[1, 2]", b"", None, "TypeError"),
+    "header not UTF-8": (b'{"\xff": 1}', b"", None, "UnicodeDecodeError"),
+    "deep nesting": (b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}", b"", None, "RecursionError"),
+    "unknown dtype": ({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0", None, "KeyError: 'Q7'"),
+    "no shape": ({"a": {"dtype": "F32", "data_offsets": [0, 4]}}, b"\0" * 4, None, "KeyError: 'shape'"),
+    "size mismatch": ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None,
+                      "tensor a: bytes 0 to 8 cannot hold torch.float32 \\[3\\]"),
+    "data cut short": ({"a": {**F4, "data_offsets": [0, 4]}}, b"\0" * 2, None, "bytes 0 to 4 cannot hold"),
+    "offsets reversed": ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [4, 0]}}, b"\0" * 4, None, "cannot hold"),
+    "three offsets": ({"a": {**F4, "data_offsets": [0, 4, 8]}}, b"\0" * 4, None, "too many values"),
+    "string offsets": ({"a": {**F4, "data_offsets": ["0", "4"]}}, b"\0" * 4, None, "TypeError"),
+    "negative dims": ({"a": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "RuntimeError"),
 }
 
 
-def test_the_reader_accepts_what_the_reference_library_accepts(tmp_path):
-    head = b' {"__metadata__": null, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "note": {}}}  '
+def test_the_reader_accepts_metadata_padding_and_keys_it_does_not_know(tmp_path):
+    head = b' {"__metadata__": {"format": "pt"}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "note": {}}}  '
     assert gpt.read_safetensors(raw_file(tmp_path, head, b"\0" * 4))["a"].shape == (1,)
 
 
 @pytest.mark.parametrize("case", BAD_FILES)
-def test_reader_refuses_a_broken_file_naming_the_rule(tmp_path, case):
+def test_a_malformed_file_is_one_error_naming_the_file(tmp_path, case):
     header, data, n, message = BAD_FILES[case]
-    path = raw_file(tmp_path, header, data, n) if case != "truncated" else tmp_path / "t"
-    if case == "truncated":
+    path = raw_file(tmp_path, header, data, n) if case != "shorter than the length" else tmp_path / "t"
+    if case == "shorter than the length":
         path.write_bytes(b"\1\2\3")
     with pytest.raises(ValueError, match=message) as err:
         gpt.read_safetensors(path)
-    assert str(path) in str(err.value)
+    assert str(err.value).startswith(f"{path}: not a valid safetensors file (")
 
 
 DT = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64])
@@ -206,11 +197,11 @@ def test_hub_download_is_cached_and_a_missing_repo_is_named(tmp_path, monkeypatc
     assert torch.equal(first.wte.weight, second.wte.weight)
     cached = os.path.join(os.environ["XDG_CACHE_HOME"], "gpt2-sft", "someone", "tiny")
     assert sorted(os.listdir(cached)) == ["config.json", "model.safetensors"]
-    with pytest.raises(ValueError, match="nobody/nothing.*not found.*GPT-2 repo"):
+    with pytest.raises(ValueError, match="cannot download .*nobody/nothing.*Not Found.*GPT-2 repo"):
         gpt.from_pretrained("nobody/nothing")
     srv.shutdown()
     srv.server_close()
-    with pytest.raises(ValueError, match="cannot download .*check the network.*or a local folder"):
+    with pytest.raises(ValueError, match="cannot download .*openai-community/gpt2/.*refused.*or a folder"):
         gpt.from_pretrained("gpt2")
 
 
@@ -243,7 +234,7 @@ BROKEN_DOWNLOADS = {
     "chunked body cut short": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + WEIGHTS[:100],
                                "broke off"),
     "an HTML page": (ok(b"<html>Please log in</html>"), "sent something else than the file .*not a valid safetensors"),
-    "not an HTTP server": (b"SSH-2.0-OpenSSH_9.2\r\n", "(?s)cannot download .*check the network"),
+    "not an HTTP server": (b"SSH-2.0-OpenSSH_9.2\r\n", "(?s)cannot download .*model.safetensors"),
 }
 
 
@@ -260,14 +251,6 @@ def test_a_broken_download_is_one_error_and_nothing_is_cached(tmp_path, monkeypa
     assert gpt.from_pretrained("o/m").config.n_layer == 2
 
 
-@pytest.mark.parametrize("reply", [ok(CONFIG)[:-10], ok(b"<html>Please log in</html>")], ids=["cut short", "HTML"])
-def test_a_failed_first_download_leaves_no_empty_cache_folder(monkeypatch, reply):
-    monkeypatch.setenv("HF_ENDPOINT", raw_server({"/o/m/resolve/main/config.json": reply}))
-    with pytest.raises(ValueError):
-        gpt.from_pretrained("o/m")
-    assert not os.path.exists(gpt.cache_dir())  # neither o/m nor o nor the cache's root
-
-
 def test_an_html_config_is_refused_before_it_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", raw_server({"/o/m/resolve/main/config.json": ok(b"<!DOCTYPE html>")}))
     with pytest.raises(ValueError, match="config.json sent something else than the file .*not a readable GPT-2 config"):
@@ -282,7 +265,7 @@ def test_a_stalled_download_and_a_bad_url_are_one_line(monkeypatch):
     listener.listen()  # accepts, never answers
     monkeypatch.setattr(gpt, "DOWNLOAD_TIMEOUT", 0.5)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
-    with pytest.raises(ValueError, match="cannot download .*timed out.*check the network"):
+    with pytest.raises(ValueError, match="cannot download .*timed out"):
         gpt.from_pretrained("o/m")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1/a b")
     with pytest.raises(ValueError, match="cannot download"):
@@ -290,12 +273,12 @@ def test_a_stalled_download_and_a_bad_url_are_one_line(monkeypatch):
     listener.close()
 
 
-def test_a_spoiled_cache_file_is_named_with_how_to_fetch_it_again(monkeypatch):
+def test_a_spoiled_cache_file_is_named(monkeypatch):
     folder = gpt.cache_dir("o", "m")
     os.makedirs(folder)
     (Path(folder) / "config.json").write_bytes(CONFIG)
     (Path(folder) / "model.safetensors").write_bytes(WEIGHTS[:-10])
-    with pytest.raises(ValueError, match=f"{folder}/model.safetensors: not a valid .*delete {folder} to download"):
+    with pytest.raises(ValueError, match=f"{folder}/model.safetensors: not a valid safetensors file"):
         gpt.from_pretrained("o/m")
 
 
@@ -311,16 +294,15 @@ def test_a_leftover_temp_file_is_reused_not_piled_up(monkeypatch):
 
 @pytest.mark.parametrize("name", ["x/..", "owner/.", "../etc", "a/b/c", "-x/y"])
 def test_repo_names_that_are_paths_are_refused(name):
-    with pytest.raises(ValueError, match="nor a Hugging Face repo name"):
+    with pytest.raises(ValueError, match="no such folder, nor a Hugging Face repo"):
         gpt.from_pretrained(name)
 
 
-@pytest.mark.parametrize("field,value", [("n_head", 5), ("n_embd", "32"), ("n_layer", 2.0), ("n_layer", None),
-                                         ("n_positions", 0), ("n_head", True), ("layer_norm_epsilon", float("nan"))])
-def test_a_bad_config_value_is_named(tmp_path, field, value):
+@pytest.mark.parametrize("field,value", [("n_head", 5), ("n_embd", "32"), ("n_layer", 2.0), ("n_positions", -1)])
+def test_a_hand_edited_config_is_one_error_naming_the_folder(tmp_path, field, value):
     config = json.loads(CONFIG)
     config[field] = value
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").write_bytes(WEIGHTS)
-    with pytest.raises(ValueError, match=f"config.json: not a readable GPT-2 config \\(config {'n_embd' if value == 5 else field}"):
+    with pytest.raises(ValueError, match=f"^{tmp_path}.*(not a readable GPT-2 config|not a GPT-2 checkpoint that loads)"):
         gpt.from_pretrained(str(tmp_path))

@@ -37,7 +37,7 @@ def test_request_carries_the_model_the_books_prompt_and_the_options(tmp_path, ca
     code, _, err = cli(capsys, responses_file(tmp_path, ["The car is as fast as a bullet."]), "--url", url)
     assert code == 0, err
     [body] = bodies
-    assert body["model"] == "llama3"
+    assert body["model"] == "llama3" and body["stream"] is False  # one JSON object: a cut reply is not JSON
     assert body["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
     assert body["messages"] == [{"role": "user", "content": (
         "Given the input `Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -46,9 +46,8 @@ def test_request_carries_the_model_the_books_prompt_and_the_options(tmp_path, ca
         "a scale from 0 to 100, where 100 is the best score. Respond with the integer number only.")}]
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_streamed_and_single_object_replies_both_parse(stream):
-    url, _ = ollama(replies=["Score: 72"], stream=stream)
+def test_the_reply_is_the_message_content_of_one_json_object():
+    url, _ = ollama(replies=["Score: 72"])
     assert judge.query("q", url=url) == "Score: 72"
 
 
@@ -70,15 +69,10 @@ def test_scores_parse_from_the_replies_judges_give(reply, score):
     assert judge.parse_score(reply) == score
 
 
-def test_ollama_host_is_read_as_host_port_ipv6_or_url_with_a_path(monkeypatch):
+def test_the_server_is_url_then_ollama_host_as_host_port_or_url_then_localhost(monkeypatch):
     monkeypatch.setenv("OLLAMA_HOST", "10.1.2.3:9999")
     assert judge.server() == "http://10.1.2.3:9999"
-    monkeypatch.setenv("OLLAMA_HOST", "https://judge.example")
-    assert judge.server() == "https://judge.example:11434"
-    monkeypatch.setenv("OLLAMA_HOST", "[::1]:11434")
-    assert judge.server() == "http://[::1]:11434"
-    monkeypatch.setenv("OLLAMA_HOST", "[::1]")
-    assert judge.server() == "http://[::1]:11434"
+    assert judge.server("https://judge.example:8000/") == "https://judge.example:8000"
     monkeypatch.setenv("OLLAMA_HOST", "http://gateway:8080/ollama/")
     assert judge.server() == "http://gateway:8080/ollama"
     monkeypatch.delenv("OLLAMA_HOST")
@@ -92,14 +86,14 @@ def test_a_path_prefix_reaches_the_server_under_it():
 
 
 def test_scores_sit_beside_their_entries_in_a_file_named_after_the_responses(tmp_path, capsys):
-    url, bodies = ollama(replies=["80", "no idea", "60"])
-    code, out, err = cli(capsys, responses_file(tmp_path, ["a", "b", "c", "   "]), "--url", url)
-    assert code == 0 and len(bodies) == 3, err  # the empty response scores 0 without asking
+    url, bodies = ollama(replies=["80", "no idea", "60", "10"])
+    code, out, err = cli(capsys, responses_file(tmp_path, ["a", "b", "c", ""]), "--url", url)
+    assert code == 0 and len(bodies) == 4, err  # every response is asked, the empty one too (as the book)
     result = json.loads((tmp_path / "r-scores.json").read_text())
     assert {k: result[k] for k in ("judge", "average", "scored", "total")} == \
-        {"judge": "llama3", "average": 140 / 3, "scored": 3, "total": 4}
-    assert [(e["model_response"], e["score"]) for e in result["entries"]] == [("a", 80), ("b", None), ("c", 60), ("   ", 0)]
-    assert out == "Average score: 46.67 (3 of 4 scored)\n"  # the result on stdout; progress stays on stderr
+        {"judge": "llama3", "average": 50, "scored": 3, "total": 4}
+    assert [(e["model_response"], e["score"]) for e in result["entries"]] == [("a", 80), ("b", None), ("c", 60), ("", 10)]
+    assert out == "Average score: 50.00 (3 of 4 scored)\n"  # the result on stdout; progress stays on stderr
 
 
 def test_two_response_files_in_one_folder_keep_their_own_scores(tmp_path, capsys):
@@ -138,7 +132,7 @@ def test_a_folder_that_cannot_hold_the_scores_fails_before_the_first_request(tmp
     url, bodies = ollama()
     (tmp_path / "r-scores.jsonl").mkdir()  # in the journal's place: any write there fails
     code, _, _ = cli(capsys, responses_file(tmp_path, ["a"]), "--url", url)
-    assert "cannot write" in code and "r-scores.jsonl" in code and bodies == []
+    assert code.startswith("error: ") and "r-scores.jsonl" in code and bodies == []
 
 
 def free_port():
@@ -147,28 +141,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def lines(*objs):
-    return [o if isinstance(o, bytes) else (json.dumps(o) + "\n").encode() for o in objs]
-
-
 FAILURES = {
-    "no server": (lambda: (f"http://127.0.0.1:{free_port()}", []), "cannot reach Ollama"),
-    "model not pulled": (lambda: ollama(models=["mistral:latest"]), "(it has mistral:latest): `ollama pull llama3`"),
-    "404 from chat": (lambda: ollama(status=404, error='model "llama3" not found, try pulling it first'), "ollama pull"),
-    "HTTP 500": (lambda: ollama(status=500, error="out of memory"), "HTTP 500: out of memory"),
-    "error inside a 200 stream": (lambda: ollama(replies=["8"], error="runner crashed"), "runner crashed"),
-    "reply never ends": (lambda: ollama(stall=True), "did not finish a reply within 1.0s"),
-    "reply streams forever": (lambda: ollama(endless=True), "did not finish a reply within 1.0s"),
-    "cut off before done": (lambda: ollama(replies=["85"], done=False), "cut a reply off"),
-    "a line that is a list": (lambda: ollama(lines=lines([1, 2])), "not its chat API's JSON"),
-    "a line that is a number": (lambda: ollama(lines=lines(85)), "not its chat API's JSON"),
-    "message null": (lambda: ollama(lines=lines({"message": None, "done": False})), "without message content"),
-    "message a string": (lambda: ollama(lines=lines({"message": "85", "done": False})), "without message content"),
-    "content null": (lambda: ollama(lines=lines({"message": {"content": None}})), "without message content"),
-    "error null": (lambda: ollama(lines=lines({"error": None})), "without message content"),
-    "a 200 body that is not JSON": (lambda: ollama(lines=[b"<html>proxy login</html>"]), "not its chat API's JSON"),
+    "no server": (lambda: (f"http://127.0.0.1:{free_port()}", []), "cannot reach Ollama at http://127.0.0.1:"),
+    "model not pulled": (lambda: ollama(models=["mistral:latest"]), "has mistral:latest, not llama3: `ollama pull llama3`"),
+    "404 from chat": (lambda: ollama(status=404, error='model "llama3" not found, try pulling it first'), "try pulling it"),
+    "HTTP 500": (lambda: ollama(status=500, error="out of memory"), "answered HTTP 500: {\"error\": \"out of memory\"}"),
+    "no reply in time": (lambda: ollama(stall=True), "sent no reply within 1s"),
+    "a reply cut short": (lambda: ollama(body=b'{"message": {"content": "8'), "sent a broken reply"),
+    "a reply that is not JSON": (lambda: ollama(body=b"<html>proxy login</html>"), "sent a broken reply"),
+    "a reply that is a list": (lambda: ollama(body=b"[1, 2]"), "without message content"),
+    "content null": (lambda: ollama(body=b'{"message": {"content": null}, "done": true}'), "without message content"),
     "tags not an object": (lambda: ollama(tags=[1, 2]), "/api/tags sent no list of models"),
-    "tags not JSON": (lambda: ollama(tags=b"<html>"), "/api/tags sent no list of models"),
+    "tags not JSON": (lambda: ollama(tags=b"<html>"), "sent a broken reply"),
 }
 
 
@@ -181,6 +165,12 @@ def test_failures_are_one_clear_line_and_a_nonzero_exit(tmp_path, capsys, case):
     assert isinstance(code, str) and code.startswith("error: ") and message in code and "\n" not in code
     assert "Ollama" in code and time.monotonic() - began < 5
     assert not (tmp_path / "r-scores.json").exists()
+
+
+def test_an_error_while_scoring_starts_on_its_own_line(tmp_path, capsys):
+    url, _ = ollama(replies=["50"], fail_from=3)
+    code, _, err = cli(capsys, responses_file(tmp_path, ["a", "b", "c"]), "--url", url)
+    assert "HTTP 500" in code and err.endswith("scoring 2/3\n")  # the counter's line is ended
 
 
 def test_the_books_own_110_responses_score_in_full(tmp_path, capsys):
