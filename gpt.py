@@ -230,12 +230,9 @@ def read_config(path) -> GPTConfig:
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-        config = GPTConfig(**{f.name: raw[f.name] for f in fields(GPTConfig) if f.name in raw})
-        if config.n_embd % config.n_head:
-            raise ValueError("n_embd is not a multiple of n_head")
+        return GPTConfig(**{f.name: raw[f.name] for f in fields(GPTConfig) if f.name in raw})
     except (OSError, ValueError, TypeError) as e:  # TypeError: not a JSON object
         raise ValueError(f"{path}: not a readable GPT-2 config ({e})") from None
-    return config
 
 def _load_folder(folder: str) -> GPT:
     config = read_config(os.path.join(folder, "config.json"))
