@@ -182,7 +182,6 @@ def batches(rows, cfg):
 @torch.no_grad()
 def mean_loss(model, rows, cfg, device) -> float:
     """The mean loss over every target token of rows (not a mean of batch means)."""
-    model.eval()  # no training-only noise (NEFTune) in what is measured
     total = 0.0
     count = 0
     for inputs, targets in batches(rows, cfg):
@@ -232,7 +231,6 @@ def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_ep
         for i in range(steps_per_epoch):
             step += 1
             batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
-            model.train()
             losses.append(loss_and_backward(model, list(batches(batch, cfg)), device))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -349,7 +347,6 @@ def train(cfg: TrainConfig):
 # ---------------------------------------------------------------- responses and commands
 def respond(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False) -> list:
     """Each entry's greedy answer (its new tokens as text), 32 prompts of like length at a time."""
-    model.eval()
     prompts = [enc.encode_ordinary(format_prompt(e, style)) for e in entries]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
