@@ -390,10 +390,10 @@ def judge_file(path: str, key: str, a):
     scores = judge.score_all(prompts, stem + "-scores.jsonl", a.judge, a.url, a.timeout)
     entries = [{**e, "score": score} for e, score in zip(entries, scores)]
     scored = [e["score"] for e in entries if e["score"] is not None]  # None: no score in the reply
-    average = sum(scored) / max(len(scored), 1)
+    average = sum(scored) / len(scored) if scored else None  # None: nothing to average
     result = {"judge": a.judge, "average": average, "scored": len(scored), "total": len(entries)}
     gpt.write_text(stem + "-scores.json", json.dumps({**result, "entries": entries}, indent=2))
-    print(f"Average score: {average:.2f} ({len(scored)} of {len(entries)} scored)")
+    print(f"Average score: {average or 0:.2f} ({len(scored)} of {len(entries)} scored)")
 
 def eval_command(a):
     """eval: the test split's responses, saved, then scored by the judge (checked first)."""

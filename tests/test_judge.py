@@ -120,6 +120,13 @@ def test_an_interrupted_run_keeps_its_scores_and_a_rerun_asks_only_the_rest(tmp_
     assert out == "Average score: 50.00 (5 of 5 scored)\n"
 
 
+def test_with_nothing_scored_the_average_is_null_not_zero(tmp_path, capsys):
+    url, _ = ollama(replies=["I cannot score this."])
+    code, out, _ = cli(capsys, responses_file(tmp_path, ["a", "b"]), "--url", url)
+    result = json.loads((tmp_path / "r-scores.json").read_text())
+    assert code == 0 and result["average"] is None and out == "Average score: 0.00 (0 of 2 scored)\n"
+
+
 def test_a_new_response_is_asked_again_not_read_from_the_journal(tmp_path, capsys):
     url, bodies = ollama(replies=["20"])
     cli(capsys, responses_file(tmp_path, ["first answer"]), "--url", url)
