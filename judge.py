@@ -6,6 +6,7 @@ JUDGE = "llama3"
 # deterministic, as the book; num_predict caps a reply's length (the score comes first)
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
 TIMEOUT = 300  # seconds for a whole reply; the first also waits for Ollama to load the model
+CHECK_TIMEOUT = 10  # seconds for the check: a server that is up lists its models at once
 
 def judge_prompt(prompt: str, output: str, response: str) -> str:
     """The book's scoring prompt, to the character (prompt: alpaca, without the marker)."""
@@ -21,7 +22,7 @@ def server(url=None) -> str:
         url = "http://" + url
     return url.rstrip("/")
 
-def call(url: str, path: str, body=None, timeout: float = 10):
+def call(url: str, path: str, body, timeout: float):
     """GET url + path (POST if there is a body) -> the JSON answered; any failure one ValueError."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url + path, data, {"Content-Type": "application/json"})
@@ -32,9 +33,12 @@ def call(url: str, path: str, body=None, timeout: float = 10):
         detail = e.read().decode(errors="replace")[:300]
         raise ValueError(f"Ollama at {url} answered HTTP {e.code}: {detail}") from None
     except (TimeoutError, urllib.error.URLError) as e:
-        if isinstance(getattr(e, "reason", e), TimeoutError):  # the server is there but slow
-            raise ValueError(f"Ollama at {url} sent no reply within {timeout:g}s; loading a "
-                             "model can take minutes: raise --timeout") from None
+        if isinstance(getattr(e, "reason", e), TimeoutError):  # connected, then silence
+            advice = "loading a model can take minutes: raise --timeout"
+            if body is None:  # the check, which asks for no model
+                advice = "is that the right address? (--url, OLLAMA_HOST)"
+            message = f"Ollama at {url} sent no reply within {timeout:g}s; {advice}"
+            raise ValueError(message) from None
         raise ValueError(f"cannot reach Ollama at {url} ({e.reason}): start it (`ollama serve`, "
                          "https://ollama.com), or point OLLAMA_HOST or --url at it") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # a reset, a cut, not JSON
@@ -44,7 +48,7 @@ def preflight(model=JUDGE, url=None):
     """Is a server there, with the judge model pulled? One quick request, before any work."""
     url = server(url)
     try:
-        names = [str(m["name"]) for m in call(url, "/api/tags")["models"]]
+        names = [str(m["name"]) for m in call(url, "/api/tags", None, CHECK_TIMEOUT)["models"]]
     except (TypeError, KeyError):
         raise ValueError(f"Ollama at {url}: /api/tags sent no list of models") from None
     if model not in names and f"{model}:latest" not in names:  # llama3.1 is not llama3

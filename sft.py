@@ -117,6 +117,7 @@ class TrainConfig:
     max_length: int = opt(1024, "cut rows to this many tokens (and to the model's context)")
     lora_rank: int = opt(0, "LoRA: train rank-r adapters only (exercise 7.4; default 0: off)")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: updates are (alpha / rank) * B A")
+    neftune_alpha: float = opt(0.0, "NEFTune: embedding noise alpha / sqrt(L * d) (0: off)")
     eval_every: int = opt(5, "optimizer steps between loss reports")
     limit: int = opt(0, "keep only the first N entries before the split (default 0: all)")
     seed: int = opt(123, "seed for the batch order and the tiny model")
@@ -129,7 +130,8 @@ class TrainConfig:
             self.out = os.path.join("runs", os.path.basename(self.model.rstrip("/")))
         for f in fields(self):  # numbers must be positive; those that switch something off may be 0
             value = getattr(self, f.name)
-            may_be_zero = f.name in ("weight_decay", "lora_rank", "lora_alpha", "limit")
+            may_be_zero = f.name in ("weight_decay", "lora_rank", "lora_alpha", "neftune_alpha",
+                                     "limit")
             if f.type in (int, float) and not (0 < value < math.inf or (may_be_zero and value == 0)):
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a positive number, not {value}")
         if self.style not in STYLES:
@@ -153,6 +155,15 @@ def load_model(name: str, seed: int = 0) -> gpt.GPT:
     if name == "tiny":
         return gpt.GPT(gpt.GPTConfig(n_embd=128, n_layer=4, n_head=4))
     return gpt.from_pretrained(name)
+
+def add_neftune(model, alpha: float):
+    """NEFTune: while training only, uniform noise in +-alpha / sqrt(L * d) on wte's output."""
+    def noisy(wte, inputs, embeddings):  # a forward hook: what it returns replaces wte's output
+        if not wte.training:
+            return embeddings
+        bound = alpha / math.sqrt(embeddings.shape[1] * embeddings.shape[2])  # (B, L, d): L and d
+        return embeddings + torch.empty_like(embeddings).uniform_(-bound, bound)
+    model.wte.register_forward_hook(noisy)
 
 def loss_sum(model, inputs, targets, device):
     """Cross-entropy summed over the targets that count (divide by their number for the mean)."""
@@ -182,6 +193,7 @@ def batches(rows, cfg):
 @torch.no_grad()
 def mean_loss(model, rows, cfg, device) -> float:
     """The mean loss over every target token of rows (not a mean of batch means)."""
+    model.eval()  # no training-only noise in what is measured
     total = 0.0
     count = 0
     for inputs, targets in batches(rows, cfg):
@@ -231,6 +243,7 @@ def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_ep
         for i in range(steps_per_epoch):
             step += 1
             batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
+            model.train()
             losses.append(loss_and_backward(model, list(batches(batch, cfg)), device))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -299,6 +312,15 @@ def claim_out(out: str):
     if not os.access(out, os.W_OK):
         raise ValueError(f"cannot write the run folder {out}; pick another --out")
 
+def held_before(out: str) -> str:
+    """What --out holds until this run's first save: the earlier run's epoch, or nothing."""
+    try:
+        with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
+            epoch = json.load(f)["epochs_done"]
+    except (OSError, ValueError, TypeError, KeyError):  # no run.json, or not one train wrote
+        return "no epoch finished; nothing was saved"
+    return f"no epoch of this run finished; {out} still holds the earlier run's epoch {epoch}"
+
 def save_run(model, cfg, metrics: list, steps_per_epoch: int, epoch: int):
     """Every file under a temp name first, then the renames, run.json last: no two runs mixed."""
     staging = os.path.join(cfg.out, ".saving")
@@ -324,6 +346,8 @@ def train(cfg: TrainConfig):
     train_rows, val_rows, val_e = prepare_rows(cfg, model, enc)
     if cfg.lora_rank:
         model = gpt.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.neftune_alpha:
+        add_neftune(model, cfg.neftune_alpha)
     model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
@@ -332,7 +356,7 @@ def train(cfg: TrainConfig):
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     steps_per_epoch = len(train_rows) // (cfg.batch_size * cfg.grad_accum)
-    kept = "no epoch finished; nothing was saved"
+    kept = held_before(cfg.out)
     try:
         for epoch, metrics in run_epochs(model, optimizer, train_rows, val_rows, cfg, device,
                                          steps_per_epoch):
@@ -347,6 +371,7 @@ def train(cfg: TrainConfig):
 # ---------------------------------------------------------------- responses and commands
 def respond(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False) -> list:
     """Each entry's greedy answer (its new tokens as text), 32 prompts of like length at a time."""
+    model.eval()
     prompts = [enc.encode_ordinary(format_prompt(e, style)) for e in entries]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
@@ -415,7 +440,7 @@ def eval_command(a):
     later = f"the responses are saved: score them with python sft.py judge {path}"
     try:
         judge_file(path, "model_response", a)
-    except ValueError as e:  # the scores so far are kept: the same command asks only the rest
+    except (ValueError, OSError) as e:  # the scores so far are kept: the same command asks the rest
         raise ValueError(f"{e}; {later}") from None
 
 def run_cli(command, *args):

@@ -93,6 +93,7 @@ ERRORS = {
     "infinite learning rate": (["train", "--model", "tiny", "--data", "{data}", "--lr", "inf"], "--lr must be a positive"),
     "NaN LoRA alpha": (["train", "--model", "tiny", "--data", "{data}", "--lora-alpha", "nan"], "--lora-alpha must be"),
     "negative LoRA rank": (["train", "--model", "tiny", "--data", "{data}", "--lora-rank", "-2"], "--lora-rank must be"),
+    "negative NEFTune alpha": (["train", "--model", "tiny", "--data", "{data}", "--neftune-alpha", "-5"], "--neftune-alpha must be"),
     "unknown style": (["train", "--model", "tiny", "--data", "{data}", "--style", "chatml"], "--style chatml: not one of alpaca, phi3"),
     "malformed device": (["train", "--model", "tiny", "--data", "{data}", "--device", "cpu:abc"], "--device cpu:abc is not available"),
     "nested data": (["train", "--model", "tiny", "--data", "{tmp}/deep.json"], "deep.json: cannot read JSON (maximum recursion"),
@@ -165,12 +166,20 @@ def test_ctrl_c_during_training_keeps_the_last_finished_epoch_and_says_so(tmp_pa
     assert sorted(os.listdir(out)) == ["config.json", "loss.svg", "metrics.jsonl", "model.safetensors", "run.json"]
 
 
-def test_ctrl_c_before_the_first_epoch_says_nothing_was_saved(tmp_path, small_data, capsys, monkeypatch):
+def test_ctrl_c_before_the_first_epoch_says_what_the_folder_still_holds(tmp_path, small_data, capsys, monkeypatch):
+    out = tmp_path / "run"
+    train_one_epoch = sft.loss_and_backward
+
     def interrupted(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(sft, "loss_and_backward", interrupted)
-    code, _, _ = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", tmp_path / "run")
+    code, _, _ = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", out)
     assert code == "interrupted: no epoch finished; nothing was saved"
+    monkeypatch.setattr(sft, "loss_and_backward", train_one_epoch)
+    assert run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", out, "--epochs", 1)[0] == 0
+    monkeypatch.setattr(sft, "loss_and_backward", interrupted)
+    code, _, _ = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", out)
+    assert code == f"interrupted: no epoch of this run finished; {out} still holds the earlier run's epoch 1"
 
 
 def fake_run(tmp_path, entries, **settings):
@@ -287,6 +296,18 @@ def test_eval_whose_judge_fails_midway_keeps_its_scores_and_says_how_to_go_on(tm
     url, bodies = ollama(replies=["90"])
     code, stdout, _ = run(capsys, "judge", path, "--url", url)
     assert code == 0 and len(bodies) == 2  # of the 3 test responses, the first score was kept
+
+
+def test_eval_whose_journal_cannot_be_written_says_the_responses_are_saved(tmp_path, capsys, monkeypatch):
+    out = fake_run(tmp_path, [(f"Question {i}?", "", "Answer.") for i in range(30)])  # 3 test entries
+    url, bodies = ollama(replies=["70"])
+    monkeypatch.setenv("OLLAMA_HOST", url)
+    (out / "instruction-data-with-response-scores.jsonl").mkdir()  # the journal cannot be opened
+    code, _, _ = run(capsys, "eval", "--out", out)
+    path = out / "instruction-data-with-response.json"
+    assert code.startswith("error: ") and "instruction-data-with-response-scores.jsonl" in code and "\n" not in code
+    assert f"the responses are saved: score them with python sft.py judge {path}" in code
+    assert len(json.loads(path.read_text())) == 3 and bodies == []
 
 
 def test_a_message_with_line_breaks_still_ends_as_one_line():

@@ -59,3 +59,41 @@ def test_lora_run_saves_a_plain_checkpoint_and_reports_trainable_parameters(tmp_
     saved = gpt.read_safetensors(out / "model.safetensors")
     assert set(saved) == set(sft.load_model("tiny").state_dict())  # no adapter tensors, every base tensor
     assert gpt.from_pretrained(str(out)).config.n_embd == 128
+
+
+def block_input(model, ids):
+    """What block 0 receives: token plus position embeddings, (B, T, C)."""
+    seen = []
+    hook = model.h[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    return seen[0]
+
+
+def test_neftune_noise_is_uniform_within_alpha_over_sqrt_length_times_width_while_training_only():
+    model = tiny_model(seed=6)  # width 32
+    ids = torch.randint(0, 512, (4, 50))
+    clean = block_input(model.eval(), ids)
+    with torch.no_grad():
+        plain = model(ids)
+    sft.add_neftune(model, alpha=5.0)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), plain)  # eval mode: exactly the model without it
+    torch.manual_seed(0)
+    noise = block_input(model.train(), ids) - clean
+    bound = 5.0 / (50 * 32) ** 0.5
+    assert noise.abs().max() <= bound * (1 + 1e-5)
+    assert abs(noise.abs().mean() / bound - 0.5) < 0.02  # uniform in [-b, b]: mean size b / 2
+    off = tiny_model(seed=6)
+    sft.add_neftune(off, alpha=0.0)
+    with torch.no_grad():
+        assert torch.equal(off.train()(ids), plain)  # alpha 0: no noise even while training
+
+
+def test_a_neftune_run_keeps_its_alpha_in_run_json(tmp_path, capsys):
+    data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 1, "--batch-size", 2,
+                       "--neftune-alpha", 5)
+    assert code == 0, err
+    assert json.loads((out / "run.json").read_text())["neftune_alpha"] == 5

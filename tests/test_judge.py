@@ -1,11 +1,11 @@
 """The judge against a stand-in Ollama on 127.0.0.1: the request, both reply forms, parsing, the journal, failures."""
-import json, shutil, socket, subprocess, sys, time
+import http.server, json, shutil, socket, subprocess, sys, time
 
 import pytest
 
 import judge
 import sft
-from conftest import FIXTURE, ollama
+from conftest import FIXTURE, ollama, serve
 from test_cli import run
 
 # The three sample judge replies of chapter 7 (abridged to their scoring sentences and first reasons).
@@ -172,6 +172,19 @@ def test_failures_are_one_clear_line_and_a_nonzero_exit(tmp_path, capsys, case):
     assert isinstance(code, str) and code.startswith("error: ") and message in code and "\n" not in code
     assert "Ollama" in code and time.monotonic() - began < 5
     assert not (tmp_path / "r-scores.json").exists()
+
+
+def test_a_check_unanswered_in_time_asks_about_the_address_not_for_a_longer_timeout(tmp_path, capsys, monkeypatch):
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # connected, then nothing: a wrong port behind a proxy, say
+            time.sleep(2)
+
+        def log_message(self, *a):
+            pass
+    url, _ = serve(Silent)
+    monkeypatch.setattr(judge, "CHECK_TIMEOUT", 0.5)
+    code, _, _ = cli(capsys, responses_file(tmp_path, ["a"]), "--url", url, "--timeout", 100)
+    assert code == f"error: Ollama at {url} sent no reply within 0.5s; is that the right address? (--url, OLLAMA_HOST)"
 
 
 def test_an_error_while_scoring_starts_on_its_own_line(tmp_path, capsys):
