@@ -7,6 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+EOT = 50256  # <|endoftext|>: GPT-2's end of text, its bos and eos token
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIKTOKEN_CACHE = os.path.join(HERE, "data", "tiktoken-cache")  # GPT-2's BPE files, shipped
+TOKENIZER_FILES = {  # the hub's names for them: tiktoken's (SHA-1s of their URLs) for its cache
+    "vocab.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",  # tiktoken's encoder.json
+    "merges.txt": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"}  # tiktoken's vocab.bpe
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257  # BPE tokens; the last one (50256) is <|endoftext|>
@@ -269,13 +276,19 @@ def from_pretrained(name: str) -> GPT:
         raise ValueError(f"{folder}: not a GPT-2 checkpoint that loads ({e})") from None
 
 def save_pretrained(model: GPT, out_dir: str):
-    """config.json + model.safetensors in the hub layout: Conv1D weights (in, out), no lm_head."""
+    """A whole Hugging Face GPT-2 folder: config.json, model.safetensors (Conv1D weights (in, out),
+    no lm_head) and the tokenizer's vocab.json and merges.txt."""
     os.makedirs(out_dir, exist_ok=True)
     config = {**asdict(model.config), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-              "activation_function": "gelu_new", "tie_word_embeddings": True}
+              "activation_function": "gelu_new", "tie_word_embeddings": True,
+              "n_ctx": model.config.n_positions, "bos_token_id": EOT, "eos_token_id": EOT}
     tensors = {k: v.t() if k.endswith(CONV1D) else v for k, v in model.state_dict().items()}
     write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
     write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2))
+    for name, cached in TOKENIZER_FILES.items():  # copied byte for byte, never re-serialised
+        with open(os.path.join(TIKTOKEN_CACHE, cached), "rb") as f:
+            data = f.read()
+        _atomic_write(os.path.join(out_dir, name), lambda f: f.write(data))
 
 # ---------------------------------------------------------------- generation
 @torch.no_grad()

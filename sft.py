@@ -7,9 +7,8 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "data", "instruction-data.json")  # the book's 1,100 entries (Apache-2.0)
-EOT = 50256      # <|endoftext|>: pads the batches, and is the one end target each row keeps
+DATA = os.path.join(gpt.HERE, "data", "instruction-data.json")  # the book's 1,100 entries (Apache-2.0)
+EOT = gpt.EOT    # <|endoftext|>: pads the batches, and is the one end target each row keeps
 IGNORE = -100    # targets that cross_entropy skips
 SPLIT = (0.85, 0.10)  # train and test fractions, as the book; validation gets the rest
 STYLES = {  # (instruction, input when non-empty, response marker)
@@ -71,7 +70,7 @@ def split(entries: list, source: str = "data") -> tuple:
 
 def tokenizer():
     """tiktoken's gpt2 encoding, from the BPE files in data/ unless TIKTOKEN_CACHE_DIR is set."""
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "data", "tiktoken-cache"))
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", gpt.TIKTOKEN_CACHE)
     return tiktoken.get_encoding("gpt2")  # it checks the files' hashes
 
 def tokenize(entries: list, enc, style: str = "alpaca") -> list:
@@ -298,7 +297,8 @@ def loss_svg(metrics: list, steps_per_epoch: int) -> str:
 
 # ---------------------------------------------------------------- the run folder
 RESPONSES = "instruction-data-with-response"  # eval's file; the judge's files begin the same
-RUN_FILES = ("model.safetensors", "config.json", "metrics.jsonl", "loss.svg", "run.json")
+RUN_FILES = ("model.safetensors", "config.json", *gpt.TOKENIZER_FILES, "metrics.jsonl", "loss.svg",
+             "run.json")
 
 def claim_out(out: str):
     """Before the model loads: --out must be writable; its old answers and scores go."""
@@ -397,10 +397,18 @@ def load_run(out: str, device: str):
     return model.to(pick_device(device)), cfg
 
 def generate_command(a):
-    """generate: the answer alone on stdout, so it composes in pipes."""
-    model, cfg = load_run(a.out, a.device)
-    entry = {"instruction": a.instruction, "input": a.input}
-    print(respond(model, [entry], tokenizer(), cfg.style, a.max_new_tokens)[0])
+    """generate: answers alone on stdout; no instruction: one per line of stdin, as each comes."""
+    model, cfg = load_run(a.out, a.device)  # once, however many instructions follow
+    enc = tokenizer()
+    chat = a.instruction is None
+    if chat and sys.stdin.isatty():  # a prompt on a terminal; in a pipe, nothing but the answers
+        log("instructions, one per line (Ctrl-D ends):")
+    for line in sys.stdin if chat else [a.instruction]:
+        entry = {"instruction": line.rstrip("\n"), "input": a.input}
+        answer = respond(model, [entry], enc, cfg.style, a.max_new_tokens)[0]
+        if chat:  # one line per answer: its own line breaks are written as \n
+            answer = answer.replace("\n", "\\n")
+        print(answer, flush=True)
 
 def judge_file(path: str, key: str, a):
     """Score every entry's response; X-scores.json beside X.json holds each entry with its score."""
@@ -474,8 +482,8 @@ def main(argv=None):
         p.add_argument("--judge", default=judge.JUDGE, help="the Ollama model that scores (llama3)")
         p.add_argument("--url", help="the Ollama server (default $OLLAMA_HOST or localhost:11434)")
         p.add_argument("--timeout", type=float, default=judge.TIMEOUT, help="seconds for one reply")
-    ge = sub.add_parser("generate", help="answer one instruction with a trained run, on stdout")
-    ge.add_argument("instruction", help="the instruction to answer")
+    ge = sub.add_parser("generate", help="answer instructions with a trained run, on stdout")
+    ge.add_argument("instruction", nargs="?", help="the instruction (none: one per line of stdin)")
     ge.add_argument("--input", default="", help="the instruction's input, if any")
     ge.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
     for p in (ev, ge):

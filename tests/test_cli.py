@@ -14,6 +14,9 @@ MEMO = [("Name a primary color.", "", "Red."), ("What is 2 plus 2?", "", "Four."
         ("Color of grass?", "", "Green."), ("Number after nine?", "", "Ten.")]
 
 
+RUN_FOLDER = ["config.json", "loss.svg", "merges.txt", "metrics.jsonl", "model.safetensors", "run.json", "vocab.json"]
+
+
 def write_data(path, entries):
     path.write_text(json.dumps([{"instruction": i, "input": x, "output": o} for i, x, o in entries]))
     return str(path)
@@ -49,7 +52,7 @@ def test_a_local_checkpoint_trains_writes_the_run_directory_and_evaluates(tmp_pa
     (tmp_path / "d.json").write_text(json.dumps(json.loads(DATA.read_text())[:40]))
     code, _, err = run(capsys, "train", "--model", tmp_path / "base", "--data", data, "--out", out, "--batch-size", 4, "--eval-every", 3)
     assert code == 0, err
-    assert {"config.json", "model.safetensors", "metrics.jsonl", "loss.svg", "run.json"} <= set(os.listdir(out))
+    assert sorted(os.listdir(out)) == RUN_FOLDER
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 3, 6, 9, 12, 15, 16]  # 34 train rows // 4 = 8 steps an epoch
     assert all({"step", "epoch", "tokens", "train_loss", "val_loss", "seconds"} <= m.keys() for m in metrics)
@@ -163,7 +166,7 @@ def test_ctrl_c_during_training_keeps_the_last_finished_epoch_and_says_so(tmp_pa
     last = rest.strip().splitlines()[-1]
     kept = json.loads((out / "run.json").read_text())["epochs_done"]
     assert kept >= 2 and last == f"interrupted: {out} holds epoch {kept}"  # what was kept, truthfully
-    assert sorted(os.listdir(out)) == ["config.json", "loss.svg", "metrics.jsonl", "model.safetensors", "run.json"]
+    assert sorted(os.listdir(out)) == RUN_FOLDER
 
 
 def test_ctrl_c_before_the_first_epoch_says_what_the_folder_still_holds(tmp_path, small_data, capsys, monkeypatch):
@@ -221,6 +224,24 @@ def test_training_caps_max_length_at_a_short_model_context(tmp_path, capsys):
     assert all(m["val_loss"] > 0 for m in metrics)
 
 
+def test_generate_answers_each_line_of_stdin_as_the_one_instruction_form_does(tmp_path, capsys, monkeypatch):
+    import io
+    out = fake_run(tmp_path, MEMO)
+    instructions = ["Name a primary color.", "Capital of Italy?"]
+    alone = []
+    for instruction in instructions:
+        code, stdout, _ = run(capsys, "generate", "--out", out, instruction, "--max-new-tokens", 12)
+        alone.append(stdout.removesuffix("\n").replace("\n", "\\n"))
+    assert code == 0 and len(set(alone)) == 2  # two different answers, so a mix-up would show
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(instructions) + "\n"))
+    code, stdout, err = run(capsys, "generate", "--out", out, "--max-new-tokens", 12)
+    assert code == 0 and stdout.splitlines() == alone and "Ctrl-D" not in err  # a pipe: nothing but answers
+    monkeypatch.setattr(sft, "respond", lambda *args: ["a list:\n1. red\n2. blue"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n"))
+    _, stdout, _ = run(capsys, "generate", "--out", out)
+    assert stdout == "a list:\\n1. red\\n2. blue\n" * 2  # one line per answer: its line breaks written as \n
+
+
 @pytest.mark.parametrize("edit", [{"epochs": "2"}, {"lr": "fast"}, {"colour": "red"}, {"style": "chatml"}])
 def test_a_hand_edited_run_json_is_one_line_naming_the_folder(tmp_path, capsys, edit):
     out = fake_run(tmp_path, MEMO)
@@ -250,7 +271,7 @@ def test_retraining_replaces_the_run_folder_as_a_whole(tmp_path, capsys, small_d
     finally:
         os.umask(old_umask)
     assert json.loads((out / "run.json").read_text())["style"] == "phi3"
-    assert sorted(os.listdir(out)) == ["config.json", "loss.svg", "metrics.jsonl", "model.safetensors", "run.json"]
+    assert sorted(os.listdir(out)) == RUN_FOLDER
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o640  # the umask is honoured
 
 

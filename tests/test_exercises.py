@@ -48,7 +48,7 @@ def test_gradient_accumulation_equals_one_batch_of_all_the_rows():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, split))
 
 
-def test_lora_run_saves_a_plain_checkpoint_and_reports_trainable_parameters(tmp_path, capsys):
+def test_lora_run_saves_a_plain_checkpoint_in_a_whole_hugging_face_folder_and_reports_trainable_parameters(tmp_path, capsys):
     data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
     code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 1, "--batch-size", 2,
                        "--lora-rank", 8, "--grad-accum", 2)
@@ -59,6 +59,29 @@ def test_lora_run_saves_a_plain_checkpoint_and_reports_trainable_parameters(tmp_
     saved = gpt.read_safetensors(out / "model.safetensors")
     assert set(saved) == set(sft.load_model("tiny").state_dict())  # no adapter tensors, every base tensor
     assert gpt.from_pretrained(str(out)).config.n_embd == 128
+    assert_a_whole_hugging_face_folder(out, tmp_path / "tiktoken-cache")
+
+
+def assert_a_whole_hugging_face_folder(out, cache):
+    """config.json names the context and end-of-text, and tiktoken built from the folder's own vocab.json and
+    merges.txt encodes the book's 1,100 entries exactly as sft.tokenizer() does."""
+    import os
+    import tiktoken.load
+    from conftest import DATA
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_ctx"], config["bos_token_id"], config["eos_token_id"]) == (config["n_positions"], 50256, 50256)
+    reference = sft.tokenizer()
+    before = os.environ["TIKTOKEN_CACHE_DIR"]
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)  # tiktoken caches what it reads: never into data/
+    try:
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(out / "merges.txt"), str(out / "vocab.json"))
+    finally:
+        os.environ["TIKTOKEN_CACHE_DIR"] = before
+    from_folder = tiktoken.Encoding("gpt2-from-the-run-folder", pat_str=reference._pat_str, mergeable_ranks=ranks,
+                                    special_tokens={"<|endoftext|>": 50256})
+    entries = json.loads(DATA.read_text())
+    assert len(entries) == 1100 and from_folder.n_vocab == reference.n_vocab == 50257
+    assert sft.tokenize(entries, from_folder) == sft.tokenize(entries, reference)
 
 
 def block_input(model, ids):

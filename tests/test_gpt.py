@@ -46,6 +46,29 @@ def test_save_pretrained_round_trips_logits_in_the_hub_layout(tmp_path):
         assert torch.equal(model(ids), gpt.from_pretrained(str(tmp_path))(ids))
 
 
+def test_the_saved_config_json_holds_the_keys_transformers_and_llama_cpp_read(tmp_path):
+    gpt.save_pretrained(tiny_model(), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],  # which class transformers builds
+        "activation_function": "gelu_new",  # GPT-2's tanh GELU: any other value computes other logits
+        "vocab_size": 512, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": True,
+        "n_ctx": 64,  # llama.cpp's converter reads the context here
+        "bos_token_id": 50256, "eos_token_id": 50256}  # where generation stops, in transformers and a GGUF
+
+
+def test_a_saved_folder_carries_gpt2s_tokenizer_files_and_stays_whole_when_loaded_and_saved_again(tmp_path):
+    gpt.save_pretrained(tiny_model(), tmp_path / "a")
+    gpt.save_pretrained(gpt.from_pretrained(str(tmp_path / "a")), tmp_path / "b")
+    files = ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b")) == files
+    shipped = Path(gpt.TIKTOKEN_CACHE)
+    for folder in ("a", "b"):  # tiktoken's encoder.json is the hub's vocab.json, its vocab.bpe merges.txt
+        assert (tmp_path / folder / "vocab.json").read_bytes() == (shipped / "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6").read_bytes()
+        assert (tmp_path / folder / "merges.txt").read_bytes() == (shipped / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").read_bytes()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
 def test_loader_names_the_tensor_whose_shape_disagrees_with_the_config(tmp_path):
     tensors = gpt.read_safetensors(FIXTURE / "model.safetensors")
     tensors["h.1.mlp.c_fc.bias"] = torch.zeros(7)
