@@ -135,6 +135,22 @@ def test_a_new_response_is_asked_again_not_read_from_the_journal(tmp_path, capsy
     assert len(bodies) == 1 and out == "Average score: 70.00 (1 of 1 scored)\n"
 
 
+@pytest.mark.parametrize("listed", [["llama3"], ["mistral:latest", "llama3:latest"]])
+def test_the_judge_is_there_when_the_server_lists_it_bare_or_as_latest(tmp_path, capsys, listed):
+    url, bodies = ollama(models=listed)
+    code, _, err = cli(capsys, responses_file(tmp_path, ["a"]), "--url", url)
+    assert code == 0 and len(bodies) == 1, err
+
+
+def test_another_judge_asks_every_question_again_instead_of_reading_the_first_judges_scores(tmp_path, capsys):
+    path = responses_file(tmp_path, ["a", "b"])
+    url, bodies = ollama(replies=["20"], models=["llama3:latest", "mistral:latest"])
+    assert cli(capsys, path, "--url", url)[0] == 0 and len(bodies) == 2
+    code, out, _ = cli(capsys, path, "--url", url, "--judge", "mistral")
+    assert code == 0 and len(bodies) == 4 and [b["model"] for b in bodies[2:]] == ["mistral", "mistral"]
+    assert cli(capsys, path, "--url", url, "--judge", "mistral")[0] == 0 and len(bodies) == 4  # now both are known
+
+
 def test_a_folder_that_cannot_hold_the_scores_fails_before_the_first_request(tmp_path, capsys):
     url, bodies = ollama()
     (tmp_path / "r-scores.jsonl").mkdir()  # in the journal's place: any write there fails
@@ -151,6 +167,8 @@ def free_port():
 FAILURES = {
     "no server": (lambda: (f"http://127.0.0.1:{free_port()}", []), "cannot reach Ollama at http://127.0.0.1:"),
     "model not pulled": (lambda: ollama(models=["mistral:latest"]), "has mistral:latest, not llama3: `ollama pull llama3`"),
+    "only other llama3 tags": (lambda: ollama(models=["llama3.1:latest", "llama3:70b"]),
+                               "has llama3.1:latest, llama3:70b, not llama3: `ollama pull llama3`"),
     "404 from chat": (lambda: ollama(status=404, error='model "llama3" not found, try pulling it first'), "try pulling it"),
     "HTTP 500": (lambda: ollama(status=500, error="out of memory"), "answered HTTP 500: {\"error\": \"out of memory\"}"),
     "no reply in time": (lambda: ollama(stall=True), "sent no reply within 1s"),

@@ -119,3 +119,117 @@ def test_the_split_truncates_fractions_as_the_book_does():
     entries = [{"instruction": str(i), "output": ""} for i in range(30)]  # 0.85 x 30 = 25.5: int 25, round 26
     train, val, test = sft.split(entries)
     assert (len(train), len(val), len(test)) == (25, 2, 3)
+
+
+# ---------------------------------------------------------------- issue 24: rules found by planting bugs
+def small_base(tmp_path):
+    """A local checkpoint folder: F32, so it loads memory-mapped."""
+    gpt.save_pretrained(gpt.GPT(gpt.GPTConfig(n_positions=96, n_embd=32, n_layer=2, n_head=4)), tmp_path / "base")
+    return tmp_path / "base"
+
+
+def test_training_never_writes_into_the_checkpoint_it_was_loaded_from(tmp_path, capsys):
+    from test_cli import MEMO, run, write_data
+    base = small_base(tmp_path)
+    before = {name: (base / name).read_bytes() for name in os.listdir(base)}
+    data = write_data(tmp_path / "d.json", MEMO)
+    for extra in ([], ["--lora-rank", "4"]):  # AdamW's in-place updates; a LoRA merge
+        out = tmp_path / f"run{len(extra)}"
+        code, _, err = run(capsys, "train", "--model", base, "--data", data, "--out", out, "--epochs", 1,
+                           "--batch-size", 2, *extra)
+        assert code == 0, err
+        assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]  # it did train
+    assert {name: (base / name).read_bytes() for name in os.listdir(base)} == before
+
+
+TRAINING_STEP = sft.loss_and_backward
+
+
+def batches_seen(monkeypatch, capsys, tmp_path, *flags):
+    """The rows of every step of a tiny training, in order, as tuples of ids (MEMO holds no 50256)."""
+    from test_cli import MEMO, run, write_data
+    seen = []
+
+    def recording(model, micro_batches, device):
+        rows = [inputs[i, inputs[i] != sft.EOT] for inputs, _ in micro_batches for i in range(len(inputs))]
+        seen.append([tuple(row.tolist()) for row in rows])  # each row without its padding
+        return TRAINING_STEP(model, micro_batches, device)
+    monkeypatch.setattr(sft, "loss_and_backward", recording)
+    data = write_data(tmp_path / "d.json", MEMO)
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", tmp_path / "run",
+                       "--batch-size", 2, *flags)
+    assert code == 0, err
+    return seen
+
+
+def test_the_seed_decides_the_batch_order_and_each_epoch_is_shuffled_anew(monkeypatch, capsys, tmp_path):
+    first = batches_seen(monkeypatch, capsys, tmp_path, "--seed", 1)
+    assert batches_seen(monkeypatch, capsys, tmp_path, "--seed", 1) == first
+    other = batches_seen(monkeypatch, capsys, tmp_path, "--seed", 2)
+    assert len(first) == len(other) == 8  # 8 training rows, 2 a step, 2 epochs
+    assert other != first
+    epoch_1, epoch_2 = first[:4], first[4:]
+    assert sorted(sum(epoch_1, [])) == sorted(sum(epoch_2, [])) and epoch_1 != epoch_2  # same rows, new order
+
+
+def prompts_answered(monkeypatch):
+    """Patches gpt.generate to record the prompt ids it is given (and answer nothing)."""
+    seen = []
+
+    def recording(model, prompts, max_new_tokens, eos_id=None):
+        seen.extend(prompts)
+        return [[] for _ in prompts]
+    monkeypatch.setattr(gpt, "generate", recording)
+    return seen
+
+
+def test_an_answers_prompt_is_plain_text_as_in_training(monkeypatch):
+    enc = sft.tokenizer()
+    entry = {"instruction": "Repeat <|endoftext|> twice.", "input": "a <|endoftext|> b", "output": ""}
+    seen = prompts_answered(monkeypatch)
+    assert sft.respond(tiny_model(), [entry], enc) == [""]
+    assert seen == [sft.tokenize([entry], enc)[0][0]]  # the ids training gives the prompt
+    assert sft.EOT not in seen[0]  # the written marker is characters, not the special token
+
+
+def test_generate_answers_in_the_runs_own_prompt_style(tmp_path, capsys, monkeypatch):
+    from test_cli import MEMO, fake_run, run
+    out = fake_run(tmp_path, MEMO, style="phi3")
+    seen = prompts_answered(monkeypatch)
+    code, _, err = run(capsys, "generate", "--out", out, "Name a color.", "--input", "bright")
+    assert code == 0, err
+    assert sft.tokenizer().decode(seen[0]) == "<|user|>\nName a color.\nbright\n<|assistant|>\n"
+
+
+def test_a_lora_run_keeps_training_after_its_first_save(tmp_path, capsys, monkeypatch):
+    from test_cli import MEMO, run, write_data
+    out = tmp_path / "run"
+    weights = [sft.load_model("tiny", 123).state_dict()["h.0.attn.c_attn.weight"].t()]  # as saved: (in, out)
+    save = sft.save_run
+
+    def recording(*args):
+        save(*args)
+        weights.append(gpt.read_safetensors(out / "model.safetensors")["h.0.attn.c_attn.weight"].clone())
+    monkeypatch.setattr(sft, "save_run", recording)
+    data = write_data(tmp_path / "d.json", MEMO)
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 2,
+                       "--batch-size", 2, "--lora-rank", 4)
+    assert code == 0, err
+    first = (weights[1] - weights[0]).abs().max()
+    second = (weights[2] - weights[1]).abs().max()
+    assert first > 0 and second > first / 10  # the second epoch moved the weights as the first did
+
+
+def test_run_json_is_renamed_into_the_folder_after_every_other_file(tmp_path, capsys, monkeypatch):
+    from test_cli import MEMO, RUN_FOLDER, run, write_data
+    renamed = []
+    replace = os.replace
+
+    def recording(src, dst):
+        if ".saving" in str(src) and ".saving" not in str(dst):  # from the staging folder into the run
+            renamed.append(os.path.basename(dst))
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", recording)
+    data = write_data(tmp_path / "d.json", MEMO)
+    assert run(capsys, "train", "--model", "tiny", "--data", data, "--out", tmp_path / "run", "--epochs", 1)[0] == 0
+    assert sorted(renamed) == RUN_FOLDER and renamed[-1] == "run.json"
