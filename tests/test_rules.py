@@ -145,7 +145,7 @@ def test_training_never_writes_into_the_checkpoint_it_was_loaded_from(tmp_path, 
 TRAINING_STEP = sft.loss_and_backward
 
 
-def batches_seen(monkeypatch, capsys, tmp_path, *flags):
+def batches_seen(monkeypatch, capsys, tmp_path, base, *flags):
     """The rows of every step of a tiny training, in order, as tuples of ids (MEMO holds no 50256)."""
     from test_cli import MEMO, run, write_data
     seen = []
@@ -156,16 +156,17 @@ def batches_seen(monkeypatch, capsys, tmp_path, *flags):
         return TRAINING_STEP(model, micro_batches, device)
     monkeypatch.setattr(sft, "loss_and_backward", recording)
     data = write_data(tmp_path / "d.json", MEMO)
-    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", tmp_path / "run",
+    code, _, err = run(capsys, "train", "--model", base, "--data", data, "--out", tmp_path / "run",
                        "--batch-size", 2, *flags)
     assert code == 0, err
     return seen
 
 
 def test_the_seed_decides_the_batch_order_and_each_epoch_is_shuffled_anew(monkeypatch, capsys, tmp_path):
-    first = batches_seen(monkeypatch, capsys, tmp_path, "--seed", 1)
-    assert batches_seen(monkeypatch, capsys, tmp_path, "--seed", 1) == first
-    other = batches_seen(monkeypatch, capsys, tmp_path, "--seed", 2)
+    base = small_base(tmp_path)
+    first = batches_seen(monkeypatch, capsys, tmp_path, base, "--seed", 1)
+    assert batches_seen(monkeypatch, capsys, tmp_path, base, "--seed", 1) == first
+    other = batches_seen(monkeypatch, capsys, tmp_path, base, "--seed", 2)
     assert len(first) == len(other) == 8  # 8 training rows, 2 a step, 2 epochs
     assert other != first
     epoch_1, epoch_2 = first[:4], first[4:]
@@ -204,7 +205,8 @@ def test_generate_answers_in_the_runs_own_prompt_style(tmp_path, capsys, monkeyp
 def test_a_lora_run_keeps_training_after_its_first_save(tmp_path, capsys, monkeypatch):
     from test_cli import MEMO, run, write_data
     out = tmp_path / "run"
-    weights = [sft.load_model("tiny", 123).state_dict()["h.0.attn.c_attn.weight"].t()]  # as saved: (in, out)
+    base = small_base(tmp_path)
+    weights = [gpt.read_safetensors(base / "model.safetensors")["h.0.attn.c_attn.weight"]]
     save = sft.save_run
 
     def recording(*args):
@@ -212,8 +214,8 @@ def test_a_lora_run_keeps_training_after_its_first_save(tmp_path, capsys, monkey
         weights.append(gpt.read_safetensors(out / "model.safetensors")["h.0.attn.c_attn.weight"].clone())
     monkeypatch.setattr(sft, "save_run", recording)
     data = write_data(tmp_path / "d.json", MEMO)
-    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 2,
-                       "--batch-size", 2, "--lora-rank", 4)
+    code, _, err = run(capsys, "train", "--model", base, "--data", data, "--out", out, "--epochs", 2,
+                       "--batch-size", 2, "--lora-rank", 4, "--lr", 1e-3)
     assert code == 0, err
     first = (weights[1] - weights[0]).abs().max()
     second = (weights[2] - weights[1]).abs().max()
@@ -231,5 +233,6 @@ def test_run_json_is_renamed_into_the_folder_after_every_other_file(tmp_path, ca
         replace(src, dst)
     monkeypatch.setattr(os, "replace", recording)
     data = write_data(tmp_path / "d.json", MEMO)
-    assert run(capsys, "train", "--model", "tiny", "--data", data, "--out", tmp_path / "run", "--epochs", 1)[0] == 0
+    base = small_base(tmp_path)
+    assert run(capsys, "train", "--model", base, "--data", data, "--out", tmp_path / "run", "--epochs", 1)[0] == 0
     assert sorted(renamed) == RUN_FOLDER and renamed[-1] == "run.json"
