@@ -113,6 +113,9 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step, token-weighted (exercise 7.3)")
     lr: float = opt(None, "AdamW learning rate (default: the book's 5e-5; 1e-3 for tiny)")
     weight_decay: float = opt(0.1, "AdamW weight decay")
+    warmup_steps: int = opt(0, "optimizer steps of linear warmup from 0 to --lr")
+    schedule: str = opt("constant", "the learning rate after warmup: constant or cosine (to 0)")
+    max_grad_norm: float = opt(0.0, "clip the gradients' global norm to this (default 0: off)")
     max_length: int = opt(1024, "cut rows to this many tokens (and to the model's context)")
     lora_rank: int = opt(0, "LoRA: train rank-r adapters only (exercise 7.4; default 0: off)")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: updates are (alpha / rank) * B A")
@@ -129,12 +132,13 @@ class TrainConfig:
             self.out = os.path.join("runs", os.path.basename(self.model.rstrip("/")))
         for f in fields(self):  # numbers must be positive; those that switch something off may be 0
             value = getattr(self, f.name)
-            may_be_zero = f.name in ("weight_decay", "lora_rank", "lora_alpha", "neftune_alpha",
-                                     "limit")
+            may_be_zero = f.default == 0 or f.name == "weight_decay"  # 0 switches them off
             if f.type in (int, float) and not (0 < value < math.inf or (may_be_zero and value == 0)):
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a positive number, not {value}")
         if self.style not in STYLES:
             raise ValueError(f"--style {self.style}: not one of {', '.join(STYLES)}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"--schedule {self.schedule}: not one of constant, cosine")
         if os.path.exists(self.data):  # absolute, so eval works from any folder
             self.data = os.path.abspath(self.data)
 
@@ -213,13 +217,23 @@ def prepare_rows(cfg, model, enc):
         raise ValueError(f"--batch-size x --grad-accum is over the {len(train_rows)} training rows")
     return train_rows, val_rows, val_e
 
+def lr_factor(cfg, step: int, steps: int) -> float:
+    """--lr's multiplier for step 1 .. steps: linear warmup from 0, then 1 or a cosine to 0."""
+    s = step - 1  # as transformers: the first update uses f(0), so a warmup starts at 0
+    if s < cfg.warmup_steps:
+        return s / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (s - cfg.warmup_steps) / (steps - cfg.warmup_steps)))
+
 def report(model, rows, cfg, device, train_loss: float, **point) -> dict:
     """One point of the curves, logged: the train loss given, the validation loss of rows."""
     val_loss = mean_loss(model, rows, cfg, device)
     if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # never NaN in metrics
         raise ValueError(f"training diverged (loss {train_loss}, step {point['step']}): lower --lr")
     log(f"epoch {point['epoch']} step {point['step']}: train {train_loss:.3f}, validation "
-        f"{val_loss:.3f} ({len(rows)} rows), {point['tokens']:,} tokens in {point['seconds']:.0f}s")
+        f"{val_loss:.3f} ({len(rows)} rows), lr {point['lr']:.3g}, gradient norm "
+        f"{point['grad_norm']:.3g}, {point['tokens']:,} tokens in {point['seconds']:.0f}s")
     return dict(**point, train_loss=train_loss, val_loss=val_loss)
 
 def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_epoch: int):
@@ -231,7 +245,8 @@ def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_ep
     log(f"training: lr {cfg.lr:g}, effective batch {rows_per_step} ({cfg.batch_size} x "
         f"{cfg.grad_accum}), {steps} steps; validation on {len(subset)} rows at each report")
     first_batch = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)
-    metrics = [report(model, val_rows, cfg, device, first_batch, step=0, epoch=0, tokens=0, seconds=0)]
+    start = dict(step=0, epoch=0, lr=0.0, grad_norm=0.0, tokens=0, seconds=0)  # before any update
+    metrics = [report(model, val_rows, cfg, device, first_batch, **start)]
     shuffle = torch.Generator().manual_seed(cfg.seed)
     losses = []  # (summed loss, target count) of each step since the last report
     tokens = 0
@@ -244,6 +259,11 @@ def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_ep
             batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
             model.train()
             losses.append(loss_and_backward(model, list(batches(batch, cfg)), device))
+            lr = cfg.lr * lr_factor(cfg, step, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # the global norm before clipping (with max_norm inf: measured, the gradients untouched)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
@@ -252,8 +272,8 @@ def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_ep
                 losses = []  # the sum above stays on the device until .item(): one sync a report
                 rows = val_rows if step == steps else subset  # all of them at the end
                 seconds = round(time.time() - started, 2)
-                metrics.append(report(model, rows, cfg, device, train_loss, step=step,
-                                      epoch=epoch, tokens=tokens, seconds=seconds))
+                metrics.append(report(model, rows, cfg, device, train_loss, step=step, epoch=epoch,
+                                      lr=lr, grad_norm=norm.item(), tokens=tokens, seconds=seconds))
         yield epoch, metrics
 
 # ---------------------------------------------------------------- the loss plot

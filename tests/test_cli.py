@@ -100,6 +100,9 @@ ERRORS = {
     "NaN LoRA alpha": (["train", "--model", "tiny", "--data", "{data}", "--lora-alpha", "nan"], "--lora-alpha must be"),
     "negative LoRA rank": (["train", "--model", "tiny", "--data", "{data}", "--lora-rank", "-2"], "--lora-rank must be"),
     "negative NEFTune alpha": (["train", "--model", "tiny", "--data", "{data}", "--neftune-alpha", "-5"], "--neftune-alpha must be"),
+    "unknown schedule": (["train", "--model", "tiny", "--data", "{data}", "--schedule", "linear"], "--schedule linear: not one of"),
+    "negative warmup": (["train", "--model", "tiny", "--data", "{data}", "--warmup-steps", "-1"], "--warmup-steps must be"),
+    "negative clipping norm": (["train", "--model", "tiny", "--data", "{data}", "--max-grad-norm", "-1"], "--max-grad-norm must"),
     "unknown style": (["train", "--model", "tiny", "--data", "{data}", "--style", "chatml"], "--style chatml: not one of alpaca, phi3"),
     "malformed device": (["train", "--model", "tiny", "--data", "{data}", "--device", "cpu:abc"], "--device cpu:abc is not available"),
     "nested data": (["train", "--model", "tiny", "--data", "{tmp}/deep.json"], "deep.json: cannot read JSON (maximum recursion"),
@@ -243,6 +246,18 @@ def test_generate_answers_each_line_of_stdin_as_the_one_instruction_form_does(tm
     monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n"))
     _, stdout, _ = run(capsys, "generate", "--out", out)
     assert stdout == "a list:\\n1. red\\n2. blue\n" * 2  # one line per answer: its line breaks written as \n
+
+
+def test_generate_on_standard_input_loads_the_model_once_however_many_lines_follow(tmp_path, capsys, monkeypatch):
+    import io
+    out = fake_run(tmp_path, MEMO)
+    loads = []
+    load = gpt.from_pretrained
+    monkeypatch.setattr(gpt, "from_pretrained", lambda name: loads.append(name) or load(name))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one\ntwo\nthree\nfour\n"))
+    code, stdout, err = run(capsys, "generate", "--out", out, "--max-new-tokens", 2)
+    assert code == 0, err
+    assert len(stdout.splitlines()) == 4 and loads == [str(out)]
 
 
 @pytest.mark.parametrize("edit", [{"epochs": "2"}, {"lr": "fast"}, {"colour": "red"}, {"style": "chatml"}])

@@ -1,6 +1,7 @@
 """The chapter's exercises as flags: LoRA (7.4), gradient accumulation (7.3); style and masking (7.1, 7.2) are in test_cli."""
-import json
+import json, math
 
+import pytest
 import torch
 
 import gpt
@@ -120,3 +121,129 @@ def test_a_neftune_run_keeps_its_alpha_in_run_json(tmp_path, capsys):
                        "--neftune-alpha", 5)
     assert code == 0, err
     assert json.loads((out / "run.json").read_text())["neftune_alpha"] == 5
+
+
+# ---------------------------------------------------------------- the learning-rate schedule and clipping
+def transformers_lr(k, lr, warmup, steps, cosine):
+    """The learning rate of update k (1 .. steps), by get_(constant|cosine)_schedule_with_warmup's formula."""
+    s = k - 1
+    if s < warmup:
+        return lr * s / warmup
+    if not cosine:
+        return lr
+    return lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_learning_rate_follows_warmup_then_the_schedule_as_transformers(schedule):
+    cfg = sft.TrainConfig(model="tiny", lr=1e-3, warmup_steps=10, schedule=schedule)
+    for k in (1, 2, 10, 11, 12, 55, 99, 100):  # the first step (0), the warmup's last, the decay's middle, the last
+        assert cfg.lr * sft.lr_factor(cfg, k, 100) == pytest.approx(transformers_lr(k, 1e-3, 10, 100, schedule == "cosine"),
+                                                                    abs=1e-15)
+    assert sft.lr_factor(cfg, 1, 100) == 0 and sft.lr_factor(cfg, 11, 100) == 1
+    assert sft.lr_factor(cfg, 100, 100) == pytest.approx(1.0 if schedule == "constant" else 3.046e-4, abs=1e-7)  # just above 0
+
+
+def steps_seen(monkeypatch, **settings):
+    """A tiny run of run_epochs: each step's gradients as backward left them, as the optimizer saw them, and its lr."""
+    model = tiny_model(seed=3, vocab=50257)
+    rows = sft.tokenize([{"instruction": i, "input": x, "output": o} for i, x, o in MEMO], sft.tokenizer())
+    cfg = sft.TrainConfig(model="tiny", batch_size=2, epochs=1, eval_every=1, lr=1e-3, **settings)
+    raw, seen, lrs = [], [], []
+
+    def backward(model, micro_batches, device):
+        result = TRAINING_STEP(model, micro_batches, device)
+        raw.append([p.grad.clone() for p in model.parameters()])
+        return result
+
+    class Watched(torch.optim.AdamW):
+        def step(self):
+            seen.append([p.grad.clone() for p in model.parameters()])
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step()
+    monkeypatch.setattr(sft, "loss_and_backward", backward)
+    optimizer = Watched(model.parameters(), lr=cfg.lr)
+    for _, metrics in sft.run_epochs(model, optimizer, rows[:8], rows[8:], cfg, torch.device("cpu"), 4):
+        pass
+    assert [m["lr"] for m in metrics[1:]] == lrs  # each report names the rate its step used
+    return raw, seen, lrs
+
+
+TRAINING_STEP = sft.loss_and_backward
+
+
+def global_norm(grads):
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+
+def test_clipping_bounds_the_gradients_norm_and_keeps_its_direction(monkeypatch):
+    raw, seen, _ = steps_seen(monkeypatch, max_grad_norm=0.5)
+    assert all(global_norm(r) > 0.5 for r in raw)  # so every step was clipped
+    for before, after in zip(raw, seen):
+        assert global_norm(after) <= 0.5 * (1 + 1e-5)
+        scale = global_norm(after) / global_norm(before)
+        assert all(torch.allclose(a, b * scale, atol=1e-7) for a, b in zip(after, before))  # the same direction
+
+
+def test_each_update_uses_the_scheduled_rate(monkeypatch):
+    _, _, lrs = steps_seen(monkeypatch, warmup_steps=2, schedule="cosine")
+    assert lrs == pytest.approx([transformers_lr(k, 1e-3, 2, 4, True) for k in range(1, 5)], abs=1e-15)
+    assert lrs[0] == 0 and lrs[2] == 1e-3
+
+
+def test_with_every_default_the_rate_is_lr_and_the_gradients_untouched(monkeypatch):
+    raw, seen, lrs = steps_seen(monkeypatch)
+    assert lrs == [1e-3] * 4
+    assert all(torch.equal(a, b) for r, s in zip(raw, seen) for a, b in zip(r, s))
+
+
+def test_a_warmup_and_cosine_run_reports_its_rates_and_norms_and_keeps_its_settings(tmp_path, capsys):
+    data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 2, "--batch-size", 2,
+                       "--eval-every", 1, "--warmup-steps", 3, "--schedule", "cosine", "--max-grad-norm", 1)
+    assert code == 0, err
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in metrics[1:]] == pytest.approx([transformers_lr(k, 1e-3, 3, 8, True) for k in range(1, 9)])
+    assert all(m["grad_norm"] > 0 for m in metrics[1:]) and "lr 0.000333, gradient norm" in err
+    settings = json.loads((out / "run.json").read_text())
+    assert (settings["warmup_steps"], settings["schedule"], settings["max_grad_norm"]) == (3, "cosine", 1)
+
+
+def neftune_phases(monkeypatch, capsys, tmp_path):
+    """A tiny NEFTune run: for each forward through wte, the phase it ran in and whether its output was noisy."""
+    forwards = []
+    phase = ["other"]
+    add, step, measure = sft.add_neftune, sft.loss_and_backward, sft.mean_loss
+
+    def add_and_watch(model, alpha):
+        add(model, alpha)
+        def watch(wte, inputs, embeddings):  # runs after NEFTune's hook and sees what it returned
+            forwards.append((phase[0], not torch.equal(embeddings, wte.weight[inputs[0]])))
+        model.wte.register_forward_hook(watch)
+
+    def in_phase(name, fn):
+        def wrapped(*args):
+            phase[0] = name
+            try:
+                return fn(*args)
+            finally:
+                phase[0] = "other"
+        return wrapped
+    monkeypatch.setattr(sft, "add_neftune", add_and_watch)
+    monkeypatch.setattr(sft, "loss_and_backward", in_phase("step", step))
+    monkeypatch.setattr(sft, "mean_loss", in_phase("validation", measure))
+    data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 2, "--batch-size", 2,
+                       "--eval-every", 1, "--neftune-alpha", 5)
+    assert code == 0, err
+    return forwards
+
+
+def test_neftune_noise_is_on_at_every_training_step_of_a_run(monkeypatch, capsys, tmp_path):
+    steps = [noisy for phase, noisy in neftune_phases(monkeypatch, capsys, tmp_path) if phase == "step"]
+    assert len(steps) == 8 and all(steps)  # 8 training rows, 2 a step, 2 epochs: each step's forward is noisy
+
+
+def test_validation_is_measured_without_neftune_noise_at_every_report(monkeypatch, capsys, tmp_path):
+    measured = [noisy for phase, noisy in neftune_phases(monkeypatch, capsys, tmp_path) if phase == "validation"]
+    assert len(measured) >= 10 and not any(measured)  # step 0 (train and validation rows), then a report per step
