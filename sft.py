@@ -123,7 +123,8 @@ class TrainConfig:
     eval_every: int = opt(5, "optimizer steps between loss reports")
     limit: int = opt(0, "keep only the first N entries before the split (default 0: all)")
     seed: int = opt(123, "seed for the batch order and the tiny model")
-    device: str = opt("auto", "auto (cuda if there is one, else cpu), cpu, cuda, cuda:1, mps")
+    device: str = opt("auto", "auto (cuda, then mps, then cpu), or one: cpu, cuda, cuda:1, mps")
+    precision: str = opt("auto", "bf16 or fp32 (default auto: bf16 where the device has it)")
 
     def __post_init__(self):
         if self.lr is None:
@@ -135,22 +136,47 @@ class TrainConfig:
             may_be_zero = f.default == 0 or f.name == "weight_decay"  # 0 switches them off
             if f.type in (int, float) and not (0 < value < math.inf or (may_be_zero and value == 0)):
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a positive number, not {value}")
-        if self.style not in STYLES:
-            raise ValueError(f"--style {self.style}: not one of {', '.join(STYLES)}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"--schedule {self.schedule}: not one of constant, cosine")
+        choices = {"style": STYLES, "schedule": ("constant", "cosine"),
+                   "precision": ("auto", "bf16", "fp32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} {getattr(self, name)}: not one of {', '.join(allowed)}")
         if os.path.exists(self.data):  # absolute, so eval works from any folder
             self.data = os.path.abspath(self.data)
 
+def mps_computes_right() -> bool:
+    """torch 2.13's MPS matmul gives wrong gradients on M1/M2 past 32,767 summed terms, as the
+    tied head's backward sums over the vocabulary (pytorch#183535, fixed in 2.14)."""
+    return tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 14)
+
+def auto_device() -> str:
+    """cuda if there is one, then mps (on a torch that computes it right), then cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available() and mps_computes_right():
+        return "mps"
+    return "cpu"
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = auto_device()
+    if name.startswith("mps") and not mps_computes_right():
+        raise ValueError(f"--device mps needs torch 2.14 or newer, not {torch.__version__} (its "
+                         "gradients are wrong on M1/M2): pip install -U 'torch>=2.14'")
     try:
         torch.empty(0, device=name)  # fails unless this machine has it
     except (RuntimeError, AssertionError):
         raise ValueError(f"--device {name} is not available here; use auto or cpu") from None
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls where there is a GPU
     return torch.device(name)
+
+def native_bf16(device: torch.device) -> bool:
+    """Does the device compute in bf16 natively? Emulated bf16 is slower than fp32."""
+    if device.type == "cuda":  # Ampere (8.0) on; a T4 is 7.5
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":  # AVX512-BF16 or AMX: AMD Zen 4, Intel Sapphire Rapids on
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False  # mps trains in fp32
 
 def load_model(name: str, seed: int = 0) -> gpt.GPT:
     """tiny: a random small GPT-2 with the GPT-2 vocabulary; anything else: from_pretrained."""
@@ -168,22 +194,23 @@ def add_neftune(model, alpha: float):
         return embeddings + torch.empty_like(embeddings).uniform_(-bound, bound)
     model.wte.register_forward_hook(noisy)
 
-def loss_sum(model, inputs, targets, device):
+def loss_sum(model, inputs, targets, device, bf16=False):
     """Cross-entropy summed over the targets that count (divide by their number for the mean)."""
-    inputs = inputs.to(device, non_blocking=True)
-    targets = targets.to(device, non_blocking=True)
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    inputs = inputs.to(device)
+    targets = targets.to(device)
+    device_type = torch.device(device).type  # the book passes "cpu", a string
+    with torch.autocast(device_type, torch.bfloat16, enabled=bf16):  # the weights stay fp32
         logits = model(inputs)  # (B, T, vocab)
     logits = logits.flatten(0, 1).float()  # (B*T, vocab)
     return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
-def loss_and_backward(model, micro_batches, device):
+def loss_and_backward(model, micro_batches, device, bf16=False):
     """Gradients of the token-weighted mean loss over [(inputs, targets)]: as one batch of all."""
     count = sum(int((t != IGNORE).sum()) for _, t in micro_batches)  # on the CPU: no device sync
     count = max(count, 1)
     losses = []
     for inputs, targets in micro_batches:
-        losses.append(loss_sum(model, inputs, targets, device))
+        losses.append(loss_sum(model, inputs, targets, device, bf16))
         (losses[-1] / count).backward()  # each part over the whole count, not its own
     return sum(losses).detach(), count
 
@@ -200,7 +227,7 @@ def mean_loss(model, rows, cfg, device) -> float:
     total = 0.0
     count = 0
     for inputs, targets in batches(rows, cfg):
-        total += loss_sum(model, inputs, targets, device).item()
+        total += loss_sum(model, inputs, targets, device, cfg.precision == "bf16").item()
         count += int((targets != IGNORE).sum())
     return total / max(count, 1)
 
@@ -258,7 +285,8 @@ def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_ep
             step += 1
             batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
             model.train()
-            losses.append(loss_and_backward(model, list(batches(batch, cfg)), device))
+            micro_batches = list(batches(batch, cfg))
+            losses.append(loss_and_backward(model, micro_batches, device, cfg.precision == "bf16"))
             lr = cfg.lr * lr_factor(cfg, step, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -362,6 +390,8 @@ def train(cfg: TrainConfig):
     claim_out(cfg.out)  # first: an unwritable --out must not cost a training
     enc = tokenizer()
     device = pick_device(cfg.device)
+    if cfg.precision == "auto":  # run.json keeps what it trained in
+        cfg.precision = "bf16" if native_bf16(device) else "fp32"
     model = load_model(cfg.model, cfg.seed)
     train_rows, val_rows, val_e = prepare_rows(cfg, model, enc)
     if cfg.lora_rank:
@@ -372,9 +402,9 @@ def train(cfg: TrainConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
-    log(f"model: {cfg.model} on {device}, {trainable:,} trainable of {total:,} parameters")
-    fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    log(f"model: {cfg.model} on {device} in {cfg.precision}, {trainable:,} trainable of {total:,}"
+        " parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     steps_per_epoch = len(train_rows) // (cfg.batch_size * cfg.grad_accum)
     kept = held_before(cfg.out)
     try:
@@ -477,7 +507,9 @@ def run_cli(command, *args):
         command(*args)
     except (ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message held
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # CUDA's OutOfMemoryError; MPS says it in a plain RuntimeError
+        if "out of memory" not in str(e):
+            raise
         sys.exit("error: out of memory: lower --batch-size (raise --grad-accum to keep the batch)")
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted: {str(e) or 'the files written so far are whole'}")
@@ -508,7 +540,7 @@ def main(argv=None):
     ge.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
     for p in (ev, ge):
         p.add_argument("--out", default="runs/gpt2-medium", help="a run folder written by train")
-        p.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda")
+        p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     a = ap.parse_args(argv)
     if a.cmd == "train":
         settings = {f.name: getattr(a, f.name) for f in fields(TrainConfig)}

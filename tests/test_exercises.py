@@ -148,11 +148,11 @@ def steps_seen(monkeypatch, **settings):
     """A tiny run of run_epochs: each step's gradients as backward left them, as the optimizer saw them, and its lr."""
     model = tiny_model(seed=3, vocab=50257)
     rows = sft.tokenize([{"instruction": i, "input": x, "output": o} for i, x, o in MEMO], sft.tokenizer())
-    cfg = sft.TrainConfig(model="tiny", batch_size=2, epochs=1, eval_every=1, lr=1e-3, **settings)
+    cfg = sft.TrainConfig(model="tiny", batch_size=2, epochs=1, eval_every=1, lr=1e-3, precision="fp32", **settings)
     raw, seen, lrs = [], [], []
 
-    def backward(model, micro_batches, device):
-        result = TRAINING_STEP(model, micro_batches, device)
+    def backward(model, micro_batches, *args):
+        result = TRAINING_STEP(model, micro_batches, *args)
         raw.append([p.grad.clone() for p in model.parameters()])
         return result
 

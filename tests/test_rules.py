@@ -150,10 +150,10 @@ def batches_seen(monkeypatch, capsys, tmp_path, base, *flags):
     from test_cli import MEMO, run, write_data
     seen = []
 
-    def recording(model, micro_batches, device):
+    def recording(model, micro_batches, *args):
         rows = [inputs[i, inputs[i] != sft.EOT] for inputs, _ in micro_batches for i in range(len(inputs))]
         seen.append([tuple(row.tolist()) for row in rows])  # each row without its padding
-        return TRAINING_STEP(model, micro_batches, device)
+        return TRAINING_STEP(model, micro_batches, *args)
     monkeypatch.setattr(sft, "loss_and_backward", recording)
     data = write_data(tmp_path / "d.json", MEMO)
     code, _, err = run(capsys, "train", "--model", base, "--data", data, "--out", tmp_path / "run",
