@@ -1,5 +1,5 @@
-"""GPT-2 in one file: the model, safetensors, Hugging Face checkpoints in and out, generation."""
-import ctypes, http.client, json, math, os, re, sys, urllib.error, urllib.request, warnings
+"""GPT-2: the model, generation, LoRA and NEFTune first; checkpoints in and out below the divider."""
+import ctypes, http.client, json, math, os, pathlib, re, sys, urllib.error, urllib.request, warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 warnings.filterwarnings("ignore", "Failed to initialize NumPy")  # torch warns without numpy
@@ -8,11 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 EOT = 50256  # <|endoftext|>: GPT-2's end of text, its bos and eos token
-HERE = os.path.dirname(os.path.abspath(__file__))
-TIKTOKEN_CACHE = os.path.join(HERE, "data", "tiktoken-cache")  # GPT-2's BPE files, shipped
-TOKENIZER_FILES = {  # the hub's names for them: tiktoken's (SHA-1s of their URLs) for its cache
-    "vocab.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",  # tiktoken's encoder.json
-    "merges.txt": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"}  # tiktoken's vocab.bpe
 
 @dataclass
 class GPTConfig:
@@ -23,7 +18,7 @@ class GPTConfig:
     n_head: int = 12         # attention heads per block (n_embd % n_head == 0)
     layer_norm_epsilon: float = 1e-5
 
-# ---------------------------------------------------------------- the model
+# ---------------- the model (chapter 4)
 class Attention(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
@@ -32,6 +27,8 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(c.n_embd, c.n_embd)
 
     def forward(self, x, mask=None, cache=None, start=0):
+        """x (B, T, C) -> (B, T, C), causal. generate() also passes a mask that hides left padding
+        and a KV cache holding the keys and values of the tokens before start."""
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.transpose(1, 3).unbind(2)  # each (B, nh, T, hs)
@@ -80,6 +77,42 @@ class GPT(nn.Module):
             x = x[:, -1:]
         return F.linear(self.ln_f(x), self.wte.weight)  # the head is tied to the token embedding
 
+# ---------------- generation (chapter 5, greedy)
+@torch.no_grad()
+def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None) -> list:
+    """Greedy continuations of prompts (id lists, any lengths) in one KV-cached batch: new ids."""
+    c = model.config
+    device = model.wte.weight.device
+    prompts = [p[-(c.n_positions - 1):] for p in prompts]  # an over-long prompt keeps its newest
+    P = max(map(len, prompts))
+    S = min(P + max_new_tokens, c.n_positions)  # generation stops when the context is full
+    pads = torch.tensor([P - len(p) for p in prompts], device=device)[:, None]  # (B, 1)
+    x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # left-padded
+    column = torch.arange(S, device=device)
+    pos = (column - pads).clamp(min=0)  # (B, S): each row's positions start at its first token
+    causal = column[None, :] <= column[:, None]  # (S, S): a query sees keys up to its own
+    # (B, S, S): causal and no padding; a pad query sees itself, so no row is all -inf
+    mask = (causal & (column >= pads)[:, None, :]) | torch.eye(S, dtype=torch.bool, device=device)
+    cache = torch.empty(c.n_layer, 2, len(prompts), c.n_head, S, c.n_embd // c.n_head,
+                        device=device, dtype=model.wte.weight.dtype)
+    out = []
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    start = 0
+    for _ in range(S - P):
+        T = x.shape[1]
+        step_mask = mask[:, None, start:start + T, :start + T]  # (B, 1, T, start+T)
+        logits = model(x, pos[:, start:start + T], step_mask, cache, start, last_only=True)
+        token = logits[:, -1].argmax(-1)  # greedy, as the book's chapter 7
+        out.append(token)
+        done |= token == eos_id
+        if done.all():
+            break
+        start += T
+        x = token[:, None]
+    rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
+    return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+
+# ---------------- finetuning: LoRA (exercise 7.4), NEFTune
 class LoRALinear(nn.Module):
     """A frozen Linear plus a low-rank update: y = base(x) + (alpha / rank) * x A^T B^T."""
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
@@ -112,7 +145,21 @@ def merge_lora(model: GPT) -> GPT:
     _swap_linears(model, lambda m: m.merged() if isinstance(m, LoRALinear) else m)
     return model.requires_grad_(True)
 
-# ---------------------------------------------------------------- safetensors
+def add_neftune(model, alpha: float):
+    """NEFTune: while training only, uniform noise in +-alpha / sqrt(L * d) on wte's output."""
+    def noisy(wte, inputs, embeddings):  # a forward hook: what it returns replaces wte's output
+        if not wte.training:
+            return embeddings
+        bound = alpha / math.sqrt(embeddings.shape[1] * embeddings.shape[2])  # (B, L, d): L and d
+        return embeddings + torch.empty_like(embeddings).uniform_(-bound, bound)
+    model.wte.register_forward_hook(noisy)
+
+# ================ the tool: checkpoints in and out (safetensors, the hub), none of it the chapter
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIKTOKEN_CACHE = os.path.join(HERE, "data", "tiktoken-cache")  # GPT-2's BPE files, shipped
+TOKENIZER_FILES = {  # the hub's names for them: tiktoken's (SHA-1s of their URLs) for its cache
+    "vocab.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",  # tiktoken's encoder.json
+    "merges.txt": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"}  # tiktoken's vocab.bpe
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool}
@@ -150,7 +197,7 @@ def read_safetensors(path) -> dict:
         reason = f"{type(e).__name__}: {e}"  # KeyError's own text is just the key
         raise ValueError(f"{path}: not a valid safetensors file ({reason})") from None
 
-def _atomic_write(path, write, check=None):
+def _atomic_write(path, write, check=lambda tmp: None):
     """write(f) to a temp file, fsync, check(temp), rename over path: never a half or bad file."""
     root, extension = os.path.splitext(path)
     tmp = f"{root}.tmp{extension}"  # one fixed name: a killed write is overwritten, never piles up
@@ -159,8 +206,7 @@ def _atomic_write(path, write, check=None):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        if check is not None:
-            check(tmp)
+        check(tmp)  # a download's own check, before the file is in place
         os.replace(tmp, path)
     except OSError as e:  # a full disk or a read-only folder: name the file
         raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
@@ -183,7 +229,6 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
         offset += blob.numel()
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-
     def write(f):
         f.write(len(head).to_bytes(8, "little") + head)
         for blob in blobs:  # no buffer protocol without numpy: hand write() the raw memory
@@ -191,7 +236,7 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
                 f.write((ctypes.c_char * blob.numel()).from_address(blob.data_ptr()))
     _atomic_write(path, write)
 
-# ---------------------------------------------------------------- Hugging Face checkpoints
+# ---------------- Hugging Face checkpoints
 ALIASES = {a: f"openai-community/{a}" for a in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, never "." or ".."
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -222,7 +267,6 @@ def download(url: str, dest: str, check, hint: str):
         response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)  # follows redirects
     except (OSError, http.client.HTTPException, ValueError) as e:  # 404, refused, timeout, not HTTP
         raise ValueError(f"cannot download {url} ({getattr(e, 'reason', e)}); {hint}") from None
-
     def check_download(tmp):
         try:
             check(tmp)
@@ -276,8 +320,7 @@ def from_pretrained(name: str) -> GPT:
         raise ValueError(f"{folder}: not a GPT-2 checkpoint that loads ({e})") from None
 
 def save_pretrained(model: GPT, out_dir: str):
-    """A whole Hugging Face GPT-2 folder: config.json, model.safetensors (Conv1D weights (in, out),
-    no lm_head) and the tokenizer's vocab.json and merges.txt."""
+    """A whole Hugging Face GPT-2 folder: config, weights (Conv1D (in, out)), tokenizer files."""
     os.makedirs(out_dir, exist_ok=True)
     config = {**asdict(model.config), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
               "activation_function": "gelu_new", "tie_word_embeddings": True,
@@ -286,41 +329,5 @@ def save_pretrained(model: GPT, out_dir: str):
     write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
     write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2))
     for name, cached in TOKENIZER_FILES.items():  # copied byte for byte, never re-serialised
-        with open(os.path.join(TIKTOKEN_CACHE, cached), "rb") as f:
-            data = f.read()
+        data = pathlib.Path(TIKTOKEN_CACHE, cached).read_bytes()
         _atomic_write(os.path.join(out_dir, name), lambda f: f.write(data))
-
-# ---------------------------------------------------------------- generation
-@torch.no_grad()
-def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None) -> list:
-    """Greedy continuations of prompts (id lists, any lengths) in one KV-cached batch: new ids."""
-    c = model.config
-    device = model.wte.weight.device
-    prompts = [p[-(c.n_positions - 1):] for p in prompts]  # an over-long prompt keeps its newest
-    P = max(map(len, prompts))
-    S = min(P + max_new_tokens, c.n_positions)  # generation stops when the context is full
-    pads = torch.tensor([P - len(p) for p in prompts], device=device)[:, None]  # (B, 1)
-    x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # left-padded
-    column = torch.arange(S, device=device)
-    pos = (column - pads).clamp(min=0)  # (B, S): each row's positions start at its first token
-    causal = column[None, :] <= column[:, None]  # (S, S): a query sees keys up to its own
-    # (B, S, S): causal and no padding; a pad query sees itself, so no row is all -inf
-    mask = (causal & (column >= pads)[:, None, :]) | torch.eye(S, dtype=torch.bool, device=device)
-    cache = torch.empty(c.n_layer, 2, len(prompts), c.n_head, S, c.n_embd // c.n_head,
-                        device=device, dtype=model.wte.weight.dtype)
-    out = []
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    start = 0
-    for _ in range(S - P):
-        T = x.shape[1]
-        step_mask = mask[:, None, start:start + T, :start + T]  # (B, 1, T, start+T)
-        logits = model(x, pos[:, start:start + T], step_mask, cache, start, last_only=True)
-        token = logits[:, -1].argmax(-1)  # greedy, as the book's chapter 7
-        out.append(token)
-        done |= token == eos_id
-        if done.all():
-            break
-        start += T
-        x = token[:, None]
-    rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
-    return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]

@@ -1,4 +1,4 @@
-"""Score responses with a local Ollama judge: prompt -> request -> parse -> aggregate.
+"""Scoring with a local Ollama judge (chapter 7's end): the book's prompt and the request first.
 A leaf, standard library only: sft.py builds the prompts and runs it (python sft.py judge FILE)."""
 import hashlib, http.client, json, os, re, sys, urllib.error, urllib.request
 
@@ -6,7 +6,6 @@ JUDGE = "llama3"
 # deterministic, as the book; num_predict caps a reply's length (the score comes first)
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
 TIMEOUT = 300  # seconds for a whole reply; the first also waits for Ollama to load the model
-CHECK_TIMEOUT = 10  # seconds for the check: a server that is up lists its models at once
 
 def judge_prompt(prompt: str, output: str, response: str) -> str:
     """The book's scoring prompt, to the character (prompt: alpaca, without the marker)."""
@@ -14,13 +13,27 @@ def judge_prompt(prompt: str, output: str, response: str) -> str:
             f"score the model response `{response}` on a scale from 0 to 100, "
             "where 100 is the best score. Respond with the integer number only.")
 
-# ---------------------------------------------------------------- request
+# ---------------- the request (the book's query_model)
 def server(url=None) -> str:
     """--url, else OLLAMA_HOST (host:port or a URL), else localhost:11434."""
     url = url or os.environ.get("OLLAMA_HOST") or "localhost:11434"
     if "://" not in url:
         url = "http://" + url
     return url.rstrip("/")
+
+def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
+    """One chat turn, answered as one JSON object ("stream": false); call() is below the divider."""
+    url = server(url)
+    messages = [{"role": "user", "content": prompt}]
+    body = {"model": model, "messages": messages, "stream": False, "options": OPTIONS}
+    reply = call(url, "/api/chat", body, timeout)
+    message = reply.get("message") if isinstance(reply, dict) else None
+    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+        raise ValueError(f"Ollama at {url} sent a chat reply without message content")
+    return message["content"]
+
+# ================ the tool: failures in one line, the check, scores out of replies, the journal
+CHECK_TIMEOUT = 10  # seconds for the check: a server that is up lists its models at once
 
 def call(url: str, path: str, body, timeout: float):
     """GET url + path (POST if there is a body) -> the JSON answered; any failure one ValueError."""
@@ -37,8 +50,7 @@ def call(url: str, path: str, body, timeout: float):
             advice = "loading a model can take minutes: raise --timeout"
             if body is None:  # the check, which asks for no model
                 advice = "is that the right address? (--url, OLLAMA_HOST)"
-            message = f"Ollama at {url} sent no reply within {timeout:g}s; {advice}"
-            raise ValueError(message) from None
+            raise ValueError(f"Ollama at {url} sent no reply within {timeout:g}s; {advice}") from None
         raise ValueError(f"cannot reach Ollama at {url} ({e.reason}): start it (`ollama serve`, "
                          "https://ollama.com), or point OLLAMA_HOST or --url at it") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # a reset, a cut, not JSON
@@ -55,18 +67,6 @@ def preflight(model=JUDGE, url=None):
         pulled = ", ".join(names) or "none"
         raise ValueError(f"Ollama at {url} has {pulled}, not {model}: `ollama pull {model}`")
 
-def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
-    """One chat turn, answered as one JSON object ("stream": false)."""
-    url = server(url)
-    messages = [{"role": "user", "content": prompt}]
-    body = {"model": model, "messages": messages, "stream": False, "options": OPTIONS}
-    reply = call(url, "/api/chat", body, timeout)
-    message = reply.get("message") if isinstance(reply, dict) else None
-    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-        raise ValueError(f"Ollama at {url} sent a chat reply without message content")
-    return message["content"]
-
-# ---------------------------------------------------------------- parse
 NUMBER = r"(-?\d+(?:\.\d+)?)(?!\w|\.\d)"  # 85, 8.5, -5; not the 1 of 1e3
 SCALE = re.compile(r"\b[01]\s*(?:to|-|–)\s*100\b", re.IGNORECASE)  # "0 to 100": the scale
 FRACTION = re.compile(NUMBER + r"\s*(?:/|out of)\s*(\d+)\b", re.IGNORECASE)  # 85/100, 8 out of 10
@@ -94,7 +94,6 @@ def parse_score(reply: str):
         return None
     return int(score) if score.is_integer() else score
 
-# ---------------------------------------------------------------- aggregate
 def score_all(prompts: list, journal: str, model=JUDGE, url=None, timeout=TIMEOUT) -> list:
     """Each prompt's score (None: unparseable), appended to journal as it comes, so a rerun asks
     only what is missing. A key is the judge and the prompt, which holds the response."""

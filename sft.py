@@ -1,4 +1,4 @@
-"""Instruction finetuning of GPT-2: data -> prompts -> tokens -> batches -> training -> CLI."""
+"""Instruction finetuning of GPT-2 (the book's chapter 7): the chapter first, the tool below it."""
 import argparse, copy, hashlib, json, math, os, shutil, sys, time
 from dataclasses import asdict, dataclass, field, fields
 import gpt  # first: it quiets torch's warning about a missing numpy
@@ -7,7 +7,6 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-DATA = os.path.join(gpt.HERE, "data", "instruction-data.json")  # the book's 1,100 entries (Apache-2.0)
 EOT = gpt.EOT    # <|endoftext|>: pads the batches, and is the one end target each row keeps
 IGNORE = -100    # targets that cross_entropy skips
 SPLIT = (0.85, 0.10)  # train and test fractions, as the book; validation gets the rest
@@ -15,13 +14,225 @@ STYLES = {  # (instruction, input when non-empty, response marker)
     "alpaca": ("Below is an instruction that describes a task. Write a response that "
                "appropriately completes the request.\n\n### Instruction:\n{instruction}",
                "\n\n### Input:\n{input}", "\n\n### Response:\n"),
-    "phi3": ("<|user|>\n{instruction}", "\n{input}", "\n<|assistant|>\n"),
-}
+    "phi3": ("<|user|>\n{instruction}", "\n{input}", "\n<|assistant|>\n")}
 
 def log(message):  # progress and notes go to stderr; answers and scores to stdout
     print(message, file=sys.stderr, flush=True)
 
-# ---------------------------------------------------------------- data
+# ---------------- data: prompts, the split (7.2), tokens, batches (7.3)
+def format_prompt(entry: dict, style: str = "alpaca") -> str:
+    """The prompt up to and including the response marker (the book's format_input stops
+    before it): training appends the output, inference generates it."""
+    head, extra, marker = STYLES[style]
+    prompt = head.format(instruction=entry["instruction"])
+    if entry.get("input"):
+        prompt += extra.format(input=entry["input"])
+    return prompt + marker
+
+def split(entries: list, source: str = "data") -> tuple:
+    """(train, val, test) in file order, with the book's arithmetic: 935 / 55 / 110 of 1,100."""
+    n_train = int(SPLIT[0] * len(entries))
+    n_test = int(SPLIT[1] * len(entries))
+    train_part = entries[:n_train]
+    test_part = entries[n_train:n_train + n_test]
+    val_part = entries[n_train + n_test:]
+    if not (train_part and val_part and test_part):
+        raise ValueError(f"{source}: {len(entries)} entries are too few to split: at least 10")
+    return train_part, val_part, test_part
+
+def tokenize(entries: list, enc, style: str = "alpaca") -> list:
+    """[(ids, prompt_len)]: ids = enc(prompt) + enc(output); a written <|endoftext|> stays text."""
+    prompts = enc.encode_ordinary_batch([format_prompt(e, style) for e in entries])
+    outputs = enc.encode_ordinary_batch([e["output"] for e in entries])
+    return [(p + o, len(p)) for p, o in zip(prompts, outputs)]
+
+def collate(batch, pad_id=EOT, ignore_index=IGNORE, max_length=None, mask_prompt=False):
+    """[(ids, prompt_len)] -> inputs, targets (B, T), T the longest row (at most max_length).
+    The book's example, rows [0..4], [5, 6], [7, 8, 9] with E = 50256 and _ = -100, gives
+    inputs  [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]] and
+    targets [[1, 2, 3, 4, E], [6, E, _, _, _], [8, 9, E, _, _]]. Masks go by position, not value."""
+    T = max(len(ids) for ids, _ in batch)
+    inputs = torch.full((len(batch), T), pad_id)
+    # all -100 at first: the book's "every padding token but the first becomes -100" is done by
+    # writing each row's real targets, and its one end-of-text, over them
+    targets = torch.full((len(batch), T), ignore_index)
+    for i, (ids, prompt_len) in enumerate(batch):
+        n = len(ids)
+        inputs[i, :n] = torch.tensor(ids)
+        targets[i, :n - 1] = inputs[i, 1:n]  # position j predicts token j + 1
+        targets[i, n - 1] = pad_id  # the one end-of-text to emit, so the model learns to stop
+        if mask_prompt:  # targets 0 .. prompt_len - 2 are prompt tokens 1 .. prompt_len - 1;
+            targets[i, :prompt_len - 1] = ignore_index  # the response's first token stays
+    return inputs[:, :max_length], targets[:, :max_length]
+
+# ---------------- the loss and the training loop (7.5)
+def loss_sum(model, inputs, targets, device, bf16=False):
+    """Cross-entropy summed over the targets that count: divided by their number, it is the
+    book's calc_loss_batch (the mean over one batch)."""
+    inputs = inputs.to(device)
+    targets = targets.to(device)
+    device_type = torch.device(device).type  # the book passes "cpu", a string
+    with torch.autocast(device_type, torch.bfloat16, enabled=bf16):  # the weights stay fp32
+        logits = model(inputs)  # (B, T, vocab)
+    logits = logits.flatten(0, 1).float()  # (B*T, vocab)
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+def loss_and_backward(model, micro_batches, device, bf16=False):
+    """Gradients of the token-weighted mean loss over [(inputs, targets)]: as one batch of all.
+    With one micro-batch, the book's calc_loss_batch then loss.backward()."""
+    count = sum(int((t != IGNORE).sum()) for _, t in micro_batches)  # on the CPU: no device sync
+    count = max(count, 1)
+    losses = []
+    for inputs, targets in micro_batches:
+        losses.append(loss_sum(model, inputs, targets, device, bf16))
+        (losses[-1] / count).backward()  # each part over the whole count, not its own
+    return sum(losses).detach(), count
+
+def batches(rows, cfg):
+    """[(inputs, targets)] of cfg.batch_size rows each, with the run's truncation and masking."""
+    for i in range(0, len(rows), cfg.batch_size):
+        part = rows[i:i + cfg.batch_size]
+        yield collate(part, max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
+
+@torch.no_grad()
+def mean_loss(model, rows, cfg, device) -> float:
+    """The book's calc_loss_loader, token-weighted: the mean over every target of rows."""
+    model.eval()  # no training-only noise in what is measured
+    total = 0.0
+    count = 0
+    for inputs, targets in batches(rows, cfg):
+        total += loss_sum(model, inputs, targets, device, cfg.precision == "bf16").item()
+        count += int((targets != IGNORE).sum())
+    return total / max(count, 1)
+
+def lr_factor(cfg, step: int, steps: int) -> float:
+    """--lr's multiplier for step 1 .. steps: linear warmup from 0, then 1 or a cosine to 0."""
+    s = step - 1  # as transformers: the first update uses f(0), so a warmup starts at 0
+    if s < cfg.warmup_steps:
+        return s / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (s - cfg.warmup_steps) / (steps - cfg.warmup_steps)))
+
+def report(model, rows, cfg, device, train_loss: float, **point) -> dict:
+    """One point of the curves, logged: the train loss given, the validation loss of rows."""
+    val_loss = mean_loss(model, rows, cfg, device)
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # never NaN in metrics
+        raise ValueError(f"training diverged (loss {train_loss}, step {point['step']}): lower --lr")
+    log(f"epoch {point['epoch']} step {point['step']}: train {train_loss:.3f}, validation "
+        f"{val_loss:.3f} ({len(rows)} rows), lr {point['lr']:.3g}, gradient norm "
+        f"{point['grad_norm']:.3g}, {point['tokens']:,} tokens in {point['seconds']:.0f}s")
+    return dict(**point, train_loss=train_loss, val_loss=val_loss)
+
+def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_epoch: int):
+    """The book's train_model_simple: shuffled batches, the last partial one dropped; yields
+    (epoch, metrics) after each epoch. cfg is a TrainConfig (the tool's settings, below)."""
+    rows_per_step = cfg.batch_size * cfg.grad_accum
+    steps = steps_per_epoch * cfg.epochs
+    # the same first validation rows at each report, as many as make one epoch's reports one
+    # pass: 3 of the book's 55 (116 steps an epoch, a report every 5)
+    subset = val_rows[:math.ceil(len(val_rows) / max(steps_per_epoch // cfg.eval_every, 1))]
+    log(f"training: lr {cfg.lr:g}, effective batch {rows_per_step} ({cfg.batch_size} x "
+        f"{cfg.grad_accum}), {steps} steps; validation on {len(subset)} rows at each report")
+    first_batch = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)
+    start = dict(step=0, epoch=0, lr=0.0, grad_norm=0.0, tokens=0, seconds=0)  # before any update
+    metrics = [report(model, val_rows, cfg, device, first_batch, **start)]
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    losses = []  # (summed loss, target count) of each step since the last report
+    tokens = 0
+    step = 0
+    started = time.time()
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(len(train_rows), generator=shuffle).tolist()
+        for i in range(steps_per_epoch):
+            step += 1
+            batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
+            model.train()  # this GPT-2 has no dropout: train mode only turns NEFTune's noise on
+            micro_batches = list(batches(batch, cfg))
+            losses.append(loss_and_backward(model, micro_batches, device, cfg.precision == "bf16"))
+            lr = cfg.lr * lr_factor(cfg, step, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # the global norm before clipping (with max_norm inf: measured, the gradients untouched)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
+            if step % cfg.eval_every == 0 or step == steps:
+                train_loss = sum(loss for loss, _ in losses).item() / sum(n for _, n in losses)
+                losses = []  # the sum above stays on the device until .item(): one sync a report
+                rows = val_rows if step == steps else subset  # all of them at the end
+                seconds = round(time.time() - started, 2)
+                metrics.append(report(model, rows, cfg, device, train_loss, step=step, epoch=epoch,
+                                      lr=lr, grad_norm=norm.item(), tokens=tokens, seconds=seconds))
+        yield epoch, metrics
+
+# ---------------- answers (7.6)
+def respond(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False) -> list:
+    """Each entry's greedy answer (its new tokens as text), 32 prompts of like length at a time."""
+    model.eval()
+    prompts = [enc.encode_ordinary(format_prompt(e, style)) for e in entries]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    for k in range(0, len(order), 32):
+        chunk = order[k:k + 32]
+        new_ids = gpt.generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_id=EOT)
+        for i, ids in zip(chunk, new_ids):
+            answers[i] = enc.decode(ids).strip()  # back in the entries' order
+        if progress:  # minutes for gpt2-medium on a CPU
+            log(f"answered {k + len(chunk)} of {len(prompts)}")
+    return answers
+
+# ================ the tool: what runs the job for real and fails well, none of it the chapter
+DATA = os.path.join(gpt.HERE, "data", "instruction-data.json")  # the book's 1,100 entries (Apache-2.0)
+
+def flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+@dataclass
+class TrainConfig:
+    model: str = flag("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a folder, or tiny (random)")
+    data: str = flag(DATA, "a JSON list of entries: a path or URL (default: the book's, in data/)")
+    out: str = flag(None, "the run folder (default: runs/<model name>)")
+    style: str = flag("alpaca", "prompt style (exercise 7.1)")
+    mask_prompt: bool = flag(False, "no loss on the prompt tokens (exercise 7.2)")
+    epochs: int = flag(2, "passes over the training split")
+    batch_size: int = flag(8, "rows per micro-batch")
+    grad_accum: int = flag(1, "micro-batches per optimizer step, token-weighted (exercise 7.3)")
+    lr: float = flag(None, "AdamW learning rate (default: the book's 5e-5; 1e-3 for tiny)")
+    weight_decay: float = flag(0.1, "AdamW weight decay")
+    warmup_steps: int = flag(0, "optimizer steps of linear warmup from 0 to --lr")
+    schedule: str = flag("constant", "the learning rate after warmup: constant or cosine (to 0)")
+    max_grad_norm: float = flag(0.0, "clip the gradients' global norm to this (default 0: off)")
+    max_length: int = flag(1024, "cut rows to this many tokens (and to the model's context)")
+    lora_rank: int = flag(0, "LoRA: train rank-r adapters only (exercise 7.4; default 0: off)")
+    lora_alpha: float = flag(16.0, "LoRA scale numerator: updates are (alpha / rank) * B A")
+    neftune_alpha: float = flag(0.0, "NEFTune: embedding noise alpha / sqrt(L * d) (0: off)")
+    eval_every: int = flag(5, "optimizer steps between loss reports")
+    limit: int = flag(0, "keep only the first N entries before the split (default 0: all)")
+    seed: int = flag(123, "seed for the batch order and the tiny model")
+    device: str = flag("auto", "auto (cuda, then mps, then cpu), or one: cpu, cuda, cuda:1, mps")
+    precision: str = flag("auto", "bf16 or fp32 (default auto: bf16 where the device has it)")
+
+    def __post_init__(self):
+        if self.lr is None:
+            self.lr = 1e-3 if self.model == "tiny" else 5e-5  # tiny starts from random weights
+        if self.out is None:
+            self.out = os.path.join("runs", os.path.basename(self.model.rstrip("/")))
+        for f in fields(self):  # numbers must be positive; those that switch something off may be 0
+            value = getattr(self, f.name)
+            may_be_zero = f.default == 0 or f.name == "weight_decay"  # 0 switches them off
+            if f.type in (int, float) and not (0 < value < math.inf or (may_be_zero and value == 0)):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a positive number, not {value}")
+        choices = {"style": STYLES, "schedule": ("constant", "cosine"),
+                   "precision": ("auto", "bf16", "fp32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} {getattr(self, name)}: not one of {', '.join(allowed)}")
+        if os.path.exists(self.data):  # absolute, so eval works from any folder
+            self.data = os.path.abspath(self.data)
+
+# ---------------- data files
 def read_entries(path: str) -> list:
     """A JSON list of {instruction, input (optional), output} strings; a bad entry is named."""
     try:
@@ -49,125 +260,29 @@ def load_entries(source: str = DATA) -> list:
         source = path
     return read_entries(source)
 
-def format_prompt(entry: dict, style: str = "alpaca") -> str:
-    """The prompt up to the response marker: training appends the output, inference generates it."""
-    head, extra, marker = STYLES[style]
-    prompt = head.format(instruction=entry["instruction"])
-    if entry.get("input"):
-        prompt += extra.format(input=entry["input"])
-    return prompt + marker
-
-def split(entries: list, source: str = "data") -> tuple:
-    """(train, val, test) in file order, with the book's arithmetic: 935 / 55 / 110 of 1,100."""
-    n_train = int(SPLIT[0] * len(entries))
-    n_test = int(SPLIT[1] * len(entries))
-    train = entries[:n_train]
-    test = entries[n_train:n_train + n_test]
-    val = entries[n_train + n_test:]
-    if not (train and val and test):
-        raise ValueError(f"{source}: {len(entries)} entries are too few to split: at least 10")
-    return train, val, test
-
 def tokenizer():
     """tiktoken's gpt2 encoding, from the BPE files in data/ unless TIKTOKEN_CACHE_DIR is set."""
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", gpt.TIKTOKEN_CACHE)
     return tiktoken.get_encoding("gpt2")  # it checks the files' hashes
 
-def tokenize(entries: list, enc, style: str = "alpaca") -> list:
-    """[(ids, prompt_len)]: ids = enc(prompt) + enc(output); a written <|endoftext|> stays text."""
-    prompts = enc.encode_ordinary_batch([format_prompt(e, style) for e in entries])
-    outputs = enc.encode_ordinary_batch([e["output"] for e in entries])
-    return [(p + o, len(p)) for p, o in zip(prompts, outputs)]
-
-def collate(batch, pad_id=EOT, ignore_index=IGNORE, max_length=None, mask_prompt=False):
-    """[(ids, prompt_len)] -> inputs, targets (B, T), T the longest row (at most max_length).
-    The book's example, rows [0..4], [5, 6], [7, 8, 9] with E = 50256 and _ = -100, gives
-    inputs  [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]] and
-    targets [[1, 2, 3, 4, E], [6, E, _, _, _], [8, 9, E, _, _]]. Masks go by position, not value."""
-    T = max(len(ids) for ids, _ in batch)
-    inputs = torch.full((len(batch), T), pad_id)
-    targets = torch.full((len(batch), T), ignore_index)
-    for i, (ids, prompt_len) in enumerate(batch):
-        n = len(ids)
-        inputs[i, :n] = torch.tensor(ids)
-        targets[i, :n - 1] = inputs[i, 1:n]
-        targets[i, n - 1] = pad_id  # the one end-of-text to emit, so the model learns to stop
-        if mask_prompt:
-            targets[i, :prompt_len - 1] = ignore_index  # no loss on predicting prompt tokens
-    return inputs[:, :max_length], targets[:, :max_length]
-
-# ---------------------------------------------------------------- loss and training
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
-
-@dataclass
-class TrainConfig:
-    model: str = opt("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a local folder, or tiny "
-                                    "(a random 7M-parameter GPT-2: no download)")
-    data: str = opt(DATA, "a JSON list of entries: a path or URL (default: the book's, in data/)")
-    out: str = opt(None, "the run folder (default: runs/<model name>)")
-    style: str = opt("alpaca", "prompt style (exercise 7.1)")
-    mask_prompt: bool = opt(False, "no loss on the prompt tokens (exercise 7.2)")
-    epochs: int = opt(2, "passes over the training split")
-    batch_size: int = opt(8, "rows per micro-batch")
-    grad_accum: int = opt(1, "micro-batches per optimizer step, token-weighted (exercise 7.3)")
-    lr: float = opt(None, "AdamW learning rate (default: the book's 5e-5; 1e-3 for tiny)")
-    weight_decay: float = opt(0.1, "AdamW weight decay")
-    warmup_steps: int = opt(0, "optimizer steps of linear warmup from 0 to --lr")
-    schedule: str = opt("constant", "the learning rate after warmup: constant or cosine (to 0)")
-    max_grad_norm: float = opt(0.0, "clip the gradients' global norm to this (default 0: off)")
-    max_length: int = opt(1024, "cut rows to this many tokens (and to the model's context)")
-    lora_rank: int = opt(0, "LoRA: train rank-r adapters only (exercise 7.4; default 0: off)")
-    lora_alpha: float = opt(16.0, "LoRA scale numerator: updates are (alpha / rank) * B A")
-    neftune_alpha: float = opt(0.0, "NEFTune: embedding noise alpha / sqrt(L * d) (0: off)")
-    eval_every: int = opt(5, "optimizer steps between loss reports")
-    limit: int = opt(0, "keep only the first N entries before the split (default 0: all)")
-    seed: int = opt(123, "seed for the batch order and the tiny model")
-    device: str = opt("auto", "auto (cuda, then mps, then cpu), or one: cpu, cuda, cuda:1, mps")
-    precision: str = opt("auto", "bf16 or fp32 (default auto: bf16 where the device has it)")
-
-    def __post_init__(self):
-        if self.lr is None:
-            self.lr = 1e-3 if self.model == "tiny" else 5e-5  # tiny starts from random weights
-        if self.out is None:
-            self.out = os.path.join("runs", os.path.basename(self.model.rstrip("/")))
-        for f in fields(self):  # numbers must be positive; those that switch something off may be 0
-            value = getattr(self, f.name)
-            may_be_zero = f.default == 0 or f.name == "weight_decay"  # 0 switches them off
-            if f.type in (int, float) and not (0 < value < math.inf or (may_be_zero and value == 0)):
-                raise ValueError(f"--{f.name.replace('_', '-')} must be a positive number, not {value}")
-        choices = {"style": STYLES, "schedule": ("constant", "cosine"),
-                   "precision": ("auto", "bf16", "fp32")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} {getattr(self, name)}: not one of {', '.join(allowed)}")
-        if os.path.exists(self.data):  # absolute, so eval works from any folder
-            self.data = os.path.abspath(self.data)
-
-def mps_computes_right() -> bool:
-    """torch 2.13's MPS matmul gives wrong gradients on M1/M2 past 32,767 summed terms, as the
-    tied head's backward sums over the vocabulary (pytorch#183535, fixed in 2.14)."""
-    return tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 14)
-
-def auto_device() -> str:
-    """cuda if there is one, then mps (on a torch that computes it right), then cpu."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available() and mps_computes_right():
-        return "mps"
-    return "cpu"
-
+# ---------------- devices and the model
 def pick_device(name: str) -> torch.device:
+    """auto: cuda, then mps, then cpu. torch 2.13's MPS matmul gives M1/M2 wrong gradients when it
+    sums over 32,767 terms, as the tied head's backward does (pytorch#183535, fixed in 2.14)."""
+    mps_right = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 14)
     if name == "auto":
-        name = auto_device()
-    if name.startswith("mps") and not mps_computes_right():
+        name = "cpu"
+        if torch.backends.mps.is_available() and mps_right:
+            name = "mps"
+        if torch.cuda.is_available():
+            name = "cuda"
+    if name.startswith("mps") and not mps_right:
         raise ValueError(f"--device mps needs torch 2.14 or newer, not {torch.__version__} (its "
                          "gradients are wrong on M1/M2): pip install -U 'torch>=2.14'")
     try:
         torch.empty(0, device=name)  # fails unless this machine has it
     except (RuntimeError, AssertionError):
         raise ValueError(f"--device {name} is not available here; use auto or cpu") from None
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls where there is a GPU
     return torch.device(name)
 
 def native_bf16(device: torch.device) -> bool:
@@ -185,52 +300,6 @@ def load_model(name: str, seed: int = 0) -> gpt.GPT:
         return gpt.GPT(gpt.GPTConfig(n_embd=128, n_layer=4, n_head=4))
     return gpt.from_pretrained(name)
 
-def add_neftune(model, alpha: float):
-    """NEFTune: while training only, uniform noise in +-alpha / sqrt(L * d) on wte's output."""
-    def noisy(wte, inputs, embeddings):  # a forward hook: what it returns replaces wte's output
-        if not wte.training:
-            return embeddings
-        bound = alpha / math.sqrt(embeddings.shape[1] * embeddings.shape[2])  # (B, L, d): L and d
-        return embeddings + torch.empty_like(embeddings).uniform_(-bound, bound)
-    model.wte.register_forward_hook(noisy)
-
-def loss_sum(model, inputs, targets, device, bf16=False):
-    """Cross-entropy summed over the targets that count (divide by their number for the mean)."""
-    inputs = inputs.to(device)
-    targets = targets.to(device)
-    device_type = torch.device(device).type  # the book passes "cpu", a string
-    with torch.autocast(device_type, torch.bfloat16, enabled=bf16):  # the weights stay fp32
-        logits = model(inputs)  # (B, T, vocab)
-    logits = logits.flatten(0, 1).float()  # (B*T, vocab)
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
-
-def loss_and_backward(model, micro_batches, device, bf16=False):
-    """Gradients of the token-weighted mean loss over [(inputs, targets)]: as one batch of all."""
-    count = sum(int((t != IGNORE).sum()) for _, t in micro_batches)  # on the CPU: no device sync
-    count = max(count, 1)
-    losses = []
-    for inputs, targets in micro_batches:
-        losses.append(loss_sum(model, inputs, targets, device, bf16))
-        (losses[-1] / count).backward()  # each part over the whole count, not its own
-    return sum(losses).detach(), count
-
-def batches(rows, cfg):
-    """[(inputs, targets)] of cfg.batch_size rows each, with the run's truncation and masking."""
-    for i in range(0, len(rows), cfg.batch_size):
-        part = rows[i:i + cfg.batch_size]
-        yield collate(part, max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
-
-@torch.no_grad()
-def mean_loss(model, rows, cfg, device) -> float:
-    """The mean loss over every target token of rows (not a mean of batch means)."""
-    model.eval()  # no training-only noise in what is measured
-    total = 0.0
-    count = 0
-    for inputs, targets in batches(rows, cfg):
-        total += loss_sum(model, inputs, targets, device, cfg.precision == "bf16").item()
-        count += int((targets != IGNORE).sum())
-    return total / max(count, 1)
-
 def prepare_rows(cfg, model, enc):
     """The tokenized train and validation rows, and the validation entries."""
     train_e, val_e, test_e = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)
@@ -244,67 +313,7 @@ def prepare_rows(cfg, model, enc):
         raise ValueError(f"--batch-size x --grad-accum is over the {len(train_rows)} training rows")
     return train_rows, val_rows, val_e
 
-def lr_factor(cfg, step: int, steps: int) -> float:
-    """--lr's multiplier for step 1 .. steps: linear warmup from 0, then 1 or a cosine to 0."""
-    s = step - 1  # as transformers: the first update uses f(0), so a warmup starts at 0
-    if s < cfg.warmup_steps:
-        return s / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (s - cfg.warmup_steps) / (steps - cfg.warmup_steps)))
-
-def report(model, rows, cfg, device, train_loss: float, **point) -> dict:
-    """One point of the curves, logged: the train loss given, the validation loss of rows."""
-    val_loss = mean_loss(model, rows, cfg, device)
-    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # never NaN in metrics
-        raise ValueError(f"training diverged (loss {train_loss}, step {point['step']}): lower --lr")
-    log(f"epoch {point['epoch']} step {point['step']}: train {train_loss:.3f}, validation "
-        f"{val_loss:.3f} ({len(rows)} rows), lr {point['lr']:.3g}, gradient norm "
-        f"{point['grad_norm']:.3g}, {point['tokens']:,} tokens in {point['seconds']:.0f}s")
-    return dict(**point, train_loss=train_loss, val_loss=val_loss)
-
-def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_epoch: int):
-    """Shuffled batches, the last partial one dropped (as the book); yields (epoch, metrics)."""
-    rows_per_step = cfg.batch_size * cfg.grad_accum
-    steps = steps_per_epoch * cfg.epochs
-    # the same validation rows at each report, as many as make one epoch's reports one pass
-    subset = val_rows[:math.ceil(len(val_rows) / max(steps_per_epoch // cfg.eval_every, 1))]
-    log(f"training: lr {cfg.lr:g}, effective batch {rows_per_step} ({cfg.batch_size} x "
-        f"{cfg.grad_accum}), {steps} steps; validation on {len(subset)} rows at each report")
-    first_batch = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)
-    start = dict(step=0, epoch=0, lr=0.0, grad_norm=0.0, tokens=0, seconds=0)  # before any update
-    metrics = [report(model, val_rows, cfg, device, first_batch, **start)]
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    losses = []  # (summed loss, target count) of each step since the last report
-    tokens = 0
-    step = 0
-    started = time.time()
-    for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(len(train_rows), generator=shuffle).tolist()
-        for i in range(steps_per_epoch):
-            step += 1
-            batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
-            model.train()
-            micro_batches = list(batches(batch, cfg))
-            losses.append(loss_and_backward(model, micro_batches, device, cfg.precision == "bf16"))
-            lr = cfg.lr * lr_factor(cfg, step, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # the global norm before clipping (with max_norm inf: measured, the gradients untouched)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
-            if step % cfg.eval_every == 0 or step == steps:
-                train_loss = sum(loss for loss, _ in losses).item() / sum(n for _, n in losses)
-                losses = []  # the sum above stays on the device until .item(): one sync a report
-                rows = val_rows if step == steps else subset  # all of them at the end
-                seconds = round(time.time() - started, 2)
-                metrics.append(report(model, rows, cfg, device, train_loss, step=step, epoch=epoch,
-                                      lr=lr, grad_norm=norm.item(), tokens=tokens, seconds=seconds))
-        yield epoch, metrics
-
-# ---------------------------------------------------------------- the loss plot
+# ---------------- the loss plot
 def _text(x: float, y: float, label, anchor="middle", more="") -> str:
     return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{more}>{label}</text>'
 
@@ -314,10 +323,8 @@ def loss_svg(metrics: list, steps_per_epoch: int) -> str:
     low = min(losses)
     span = max(max(losses) - low, 1e-9)
     last = max(metrics[-1]["step"], 1)
-
     def x(step):  # the plot area is x 60 to 620, y 20 (the highest loss) to 350 (the lowest)
         return 60 + 560 * step / last
-
     def y(loss):
         return 350 - 330 * (loss - low) / span
     svg = ['<svg xmlns="http://www.w3.org/2000/svg" width="640" height="400" font-size="12">',
@@ -343,7 +350,7 @@ def loss_svg(metrics: list, steps_per_epoch: int) -> str:
         svg.append(_text(520, 38 + 16 * row, name, "start"))
     return "\n".join(svg) + "\n</svg>\n"
 
-# ---------------------------------------------------------------- the run folder
+# ---------------- the run folder
 RESPONSES = "instruction-data-with-response"  # eval's file; the judge's files begin the same
 RUN_FILES = ("model.safetensors", "config.json", *gpt.TOKENIZER_FILES, "metrics.jsonl", "loss.svg",
              "run.json")
@@ -397,7 +404,7 @@ def train(cfg: TrainConfig):
     if cfg.lora_rank:
         model = gpt.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.neftune_alpha:
-        add_neftune(model, cfg.neftune_alpha)
+        gpt.add_neftune(model, cfg.neftune_alpha)
     model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
@@ -418,22 +425,7 @@ def train(cfg: TrainConfig):
         raise KeyboardInterrupt(kept) from None
     log(f"trained in {metrics[-1]['seconds']:.1f}s; validation loss {metrics[-1]['val_loss']:.3f}")
 
-# ---------------------------------------------------------------- responses and commands
-def respond(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False) -> list:
-    """Each entry's greedy answer (its new tokens as text), 32 prompts of like length at a time."""
-    model.eval()
-    prompts = [enc.encode_ordinary(format_prompt(e, style)) for e in entries]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
-    for k in range(0, len(order), 32):
-        chunk = order[k:k + 32]
-        new_ids = gpt.generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_id=EOT)
-        for i, ids in zip(chunk, new_ids):
-            answers[i] = enc.decode(ids).strip()  # back in the entries' order
-        if progress:  # minutes for gpt2-medium on a CPU
-            log(f"answered {k + len(chunk)} of {len(prompts)}")
-    return answers
-
+# ---------------- the commands and the command line
 def load_run(out: str, device: str):
     """The trained model and the settings of a run folder written by train."""
     try:  # no run there, or a hand-edited run.json or config.json: one line, whatever is wrong
@@ -514,10 +506,8 @@ def run_cli(command, *args):
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted: {str(e) or 'the files written so far are whole'}")
 
-# ---------------------------------------------------------------- command line
 def main(argv=None):
-    about = "Instruction finetuning of GPT-2, as chapter 7 of the book. Environment: README.md."
-    ap = argparse.ArgumentParser(description=about)
+    ap = argparse.ArgumentParser(description="Instruction finetuning of GPT-2. See README.md.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="finetune a model into a run folder")
     for f in fields(TrainConfig):  # one flag per field: --batch-size fills batch_size

@@ -101,7 +101,7 @@ def test_neftune_noise_is_uniform_within_alpha_over_sqrt_length_times_width_whil
     clean = block_input(model.eval(), ids)
     with torch.no_grad():
         plain = model(ids)
-    sft.add_neftune(model, alpha=5.0)
+    gpt.add_neftune(model, alpha=5.0)
     with torch.no_grad():
         assert torch.equal(model.eval()(ids), plain)  # eval mode: exactly the model without it
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def test_neftune_noise_is_uniform_within_alpha_over_sqrt_length_times_width_whil
     assert noise.abs().max() <= bound * (1 + 1e-5)
     assert abs(noise.abs().mean() / bound - 0.5) < 0.02  # uniform in [-b, b]: mean size b / 2
     off = tiny_model(seed=6)
-    sft.add_neftune(off, alpha=0.0)
+    gpt.add_neftune(off, alpha=0.0)
     with torch.no_grad():
         assert torch.equal(off.train()(ids), plain)  # alpha 0: no noise even while training
 
@@ -213,7 +213,7 @@ def neftune_phases(monkeypatch, capsys, tmp_path):
     """A tiny NEFTune run: for each forward through wte, the phase it ran in and whether its output was noisy."""
     forwards = []
     phase = ["other"]
-    add, step, measure = sft.add_neftune, sft.loss_and_backward, sft.mean_loss
+    add, step, measure = gpt.add_neftune, sft.loss_and_backward, sft.mean_loss
 
     def add_and_watch(model, alpha):
         add(model, alpha)
@@ -229,7 +229,7 @@ def neftune_phases(monkeypatch, capsys, tmp_path):
             finally:
                 phase[0] = "other"
         return wrapped
-    monkeypatch.setattr(sft, "add_neftune", add_and_watch)
+    monkeypatch.setattr(gpt, "add_neftune", add_and_watch)
     monkeypatch.setattr(sft, "loss_and_backward", in_phase("step", step))
     monkeypatch.setattr(sft, "mean_loss", in_phase("validation", measure))
     data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
