@@ -31,7 +31,7 @@ class Attention(nn.Module):
         and a KV cache holding the keys and values of the tokens before start."""
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
-        q, k, v = qkv.transpose(1, 3).unbind(2)  # each (B, nh, T, hs)
+        q, k, v = qkv.transpose(1, 3).unbind(2)  # (B, nh, 3, T, hs): each (B, nh, T, hs)
         if cache is not None:  # (2, B, nh, S, hs): store at [start, start+T), attend to all so far
             cache[:, :, :, start:start + T] = torch.stack((k, v))
             k, v = cache[:, :, :, :start + T]
@@ -75,7 +75,8 @@ class GPT(nn.Module):
             x = block(x, mask, None if cache is None else cache[i], start)
         if last_only:  # generation needs the next token's logits only
             x = x[:, -1:]
-        return F.linear(self.ln_f(x), self.wte.weight)  # the head is tied to the token embedding
+        # the head is tied to the token embedding, as GPT-2's (the book trains a copy, out_head)
+        return F.linear(self.ln_f(x), self.wte.weight)
 
 # ---------------- generation (chapter 5, greedy)
 @torch.no_grad()
@@ -114,7 +115,7 @@ def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None) -> list:
 
 # ---------------- finetuning: LoRA (exercise 7.4), NEFTune
 class LoRALinear(nn.Module):
-    """A frozen Linear plus a low-rank update: y = base(x) + (alpha / rank) * x A^T B^T."""
+    """y = base(x) + (alpha / rank) * x A^T B^T, as peft (the book's appendix E: alpha alone)."""
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
         self.base = base
@@ -146,7 +147,7 @@ def merge_lora(model: GPT) -> GPT:
     return model.requires_grad_(True)
 
 def add_neftune(model, alpha: float):
-    """NEFTune: while training only, uniform noise in +-alpha / sqrt(L * d) on wte's output."""
+    """NEFTune (beyond the book): while training only, noise in +-alpha / sqrt(L * d) on wte."""
     def noisy(wte, inputs, embeddings):  # a forward hook: what it returns replaces wte's output
         if not wte.training:
             return embeddings

@@ -8,12 +8,12 @@ OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
 TIMEOUT = 300  # seconds for a whole reply; the first also waits for Ollama to load the model
 
 def judge_prompt(prompt: str, output: str, response: str) -> str:
-    """The book's scoring prompt, to the character (prompt: alpaca, without the marker)."""
+    """The book's scoring prompt, to the character (prompt: format_input's, no marker)."""
     return (f"Given the input `{prompt}` and correct output `{output}`, "
             f"score the model response `{response}` on a scale from 0 to 100, "
             "where 100 is the best score. Respond with the integer number only.")
 
-# ---------------- the request (the book's query_model)
+# ---------------- the request (7.8: the book's query_model)
 def server(url=None) -> str:
     """--url, else OLLAMA_HOST (host:port or a URL), else localhost:11434."""
     url = url or os.environ.get("OLLAMA_HOST") or "localhost:11434"

@@ -65,13 +65,13 @@ def collate(batch, pad_id=EOT, ignore_index=IGNORE, max_length=None, mask_prompt
             targets[i, :prompt_len - 1] = ignore_index  # the response's first token stays
     return inputs[:, :max_length], targets[:, :max_length]
 
-# ---------------- the loss and the training loop (7.5)
+# ---------------- the loss and the training loop (7.6)
 def loss_sum(model, inputs, targets, device, bf16=False):
     """Cross-entropy summed over the targets that count: divided by their number, it is the
     book's calc_loss_batch (the mean over one batch)."""
     inputs = inputs.to(device)
     targets = targets.to(device)
-    device_type = torch.device(device).type  # the book passes "cpu", a string
+    device_type = torch.device(device).type  # device: "cpu" (as the book) or a torch.device
     with torch.autocast(device_type, torch.bfloat16, enabled=bf16):  # the weights stay fp32
         logits = model(inputs)  # (B, T, vocab)
     logits = logits.flatten(0, 1).float()  # (B*T, vocab)
@@ -129,8 +129,8 @@ def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_ep
     (epoch, metrics) after each epoch. cfg is a TrainConfig (the tool's settings, below)."""
     rows_per_step = cfg.batch_size * cfg.grad_accum
     steps = steps_per_epoch * cfg.epochs
-    # the same first validation rows at each report, as many as make one epoch's reports one
-    # pass: 3 of the book's 55 (116 steps an epoch, a report every 5)
+    # every report measures the same first k validation rows, k so that one epoch's reports cost
+    # one pass over them all: k = 3 of the book's 55 (116 steps an epoch, a report every 5)
     subset = val_rows[:math.ceil(len(val_rows) / max(steps_per_epoch // cfg.eval_every, 1))]
     log(f"training: lr {cfg.lr:g}, effective batch {rows_per_step} ({cfg.batch_size} x "
         f"{cfg.grad_accum}), {steps} steps; validation on {len(subset)} rows at each report")
@@ -159,6 +159,7 @@ def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_ep
             optimizer.zero_grad(set_to_none=True)
             tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
             if step % cfg.eval_every == 0 or step == steps:
+                # the train loss: these steps' own (the book's evaluate_model measures it again)
                 train_loss = sum(loss for loss, _ in losses).item() / sum(n for _, n in losses)
                 losses = []  # the sum above stays on the device until .item(): one sync a report
                 rows = val_rows if step == steps else subset  # all of them at the end
@@ -167,7 +168,7 @@ def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_ep
                                       lr=lr, grad_norm=norm.item(), tokens=tokens, seconds=seconds))
         yield epoch, metrics
 
-# ---------------- answers (7.6)
+# ---------------- answers (7.7)
 def respond(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False) -> list:
     """Each entry's greedy answer (its new tokens as text), 32 prompts of like length at a time."""
     model.eval()
@@ -192,7 +193,7 @@ def flag(default, help):
 @dataclass
 class TrainConfig:
     model: str = flag("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a folder, or tiny (random)")
-    data: str = flag(DATA, "a JSON list of entries: a path or URL (default: the book's, in data/)")
+    data: str = flag(DATA, "a JSON list of entries: a path or URL (default: the book's)")
     out: str = flag(None, "the run folder (default: runs/<model name>)")
     style: str = flag("alpaca", "prompt style (exercise 7.1)")
     mask_prompt: bool = flag(False, "no loss on the prompt tokens (exercise 7.2)")
@@ -221,7 +222,7 @@ class TrainConfig:
             self.out = os.path.join("runs", os.path.basename(self.model.rstrip("/")))
         for f in fields(self):  # numbers must be positive; those that switch something off may be 0
             value = getattr(self, f.name)
-            may_be_zero = f.default == 0 or f.name == "weight_decay"  # 0 switches them off
+            may_be_zero = f.default == 0 or f.name == "weight_decay"
             if f.type in (int, float) and not (0 < value < math.inf or (may_be_zero and value == 0)):
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a positive number, not {value}")
         choices = {"style": STYLES, "schedule": ("constant", "cosine"),
@@ -268,7 +269,7 @@ def tokenizer():
 # ---------------- devices and the model
 def pick_device(name: str) -> torch.device:
     """auto: cuda, then mps, then cpu. torch 2.13's MPS matmul gives M1/M2 wrong gradients when it
-    sums over 32,767 terms, as the tied head's backward does (pytorch#183535, fixed in 2.14)."""
+    sums over 32,767 terms, as the tied head's backward does (pytorch#183535)."""
     mps_right = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 14)
     if name == "auto":
         name = "cpu"
@@ -289,7 +290,7 @@ def native_bf16(device: torch.device) -> bool:
     """Does the device compute in bf16 natively? Emulated bf16 is slower than fp32."""
     if device.type == "cuda":  # Ampere (8.0) on; a T4 is 7.5
         return torch.cuda.get_device_capability(device) >= (8, 0)
-    if device.type == "cpu":  # AVX512-BF16 or AMX: AMD Zen 4, Intel Sapphire Rapids on
+    if device.type == "cpu":  # AVX512-BF16 or AMX (Zen 4, Sapphire Rapids on)
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False  # mps trains in fp32
 
@@ -428,7 +429,7 @@ def train(cfg: TrainConfig):
 # ---------------- the commands and the command line
 def load_run(out: str, device: str):
     """The trained model and the settings of a run folder written by train."""
-    try:  # no run there, or a hand-edited run.json or config.json: one line, whatever is wrong
+    try:  # no run there, or a hand-edited run.json: one line, whatever is wrong
         with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
             settings = json.load(f)
         settings.pop("epochs_done", None)
