@@ -96,7 +96,7 @@ def hwm():  # peak RSS of this process in bytes (VmHWM starts afresh at exec, un
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 base, t0 = hwm(), time.perf_counter()
 m = gpt.from_pretrained(sys.argv[1])
-sum(float(p.sum()) for p in m.parameters())  # touch every weight
+sum(float(p.detach().sum()) for p in m.parameters())  # touch every weight
 print(time.perf_counter() - t0, base, hwm())
 """
 

@@ -1,4 +1,6 @@
-"""sft.py stage 1: entries -> prompts -> tokens -> batches. The collate rules R1-R5 of DESIGN.md as properties."""
+"""sft.py stage 1: entries -> prompts -> tokens -> batches. The collate rules as properties: R1 inputs are the ids then
+padding, R2 targets the ids shifted then one end-of-text then ignored, R3 prompt masking, R4 truncation, R5 masks go by
+position, never by value."""
 import json, os, subprocess, sys
 
 import pytest

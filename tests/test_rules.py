@@ -1,4 +1,4 @@
-"""Rules that the other tests left unpinned: each test here fails when its bug is planted (issue 10, item 7)."""
+"""Rules that the other tests left unpinned: each test here was seen to fail with its bug planted by hand."""
 import json, os, struct
 
 import pytest
@@ -121,7 +121,7 @@ def test_the_split_truncates_fractions_as_the_book_does():
     assert (len(train), len(val), len(test)) == (25, 2, 3)
 
 
-# ---------------------------------------------------------------- issue 24: rules found by planting bugs
+# ---------------------------------------------------------------- more rules found by planting bugs
 def small_base(tmp_path):
     """A local checkpoint folder: F32, so it loads memory-mapped."""
     gpt.save_pretrained(gpt.GPT(gpt.GPTConfig(n_positions=96, n_embd=32, n_layer=2, n_head=4)), tmp_path / "base")
