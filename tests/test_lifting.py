@@ -44,10 +44,10 @@ def test_lifted_prompts_split_and_tokens_are_the_modules_own():
     assert lifted["tokenize"](entries, enc, "phi3") == sft.tokenize(entries, enc, "phi3")
 
 
-@pytest.mark.parametrize("options", [{}, {"mask_prompt": True}, {"max_length": 40, "mask_prompt": True}])
+@pytest.mark.parametrize("options", [{}, {"max_length": 40, "mask_prompt": True}])
 def test_lifted_collate_loss_and_gradients_are_the_modules_own_with_a_string_device(options):
     lifted = lift()
-    rows = sft.tokenize(json.loads(DATA.read_text())[:6], sft.tokenizer())
+    rows = sft.tokenize(json.loads(DATA.read_text())[:5], sft.tokenizer())
     inputs, targets = lifted["collate"](rows, **options)
     expected = sft.collate(rows, **options)
     assert torch.equal(inputs, expected[0]) and torch.equal(targets, expected[1])
