@@ -85,12 +85,16 @@ def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None) -> list:
     c = model.config
     device = model.wte.weight.device
     prompts = [p[-(c.n_positions - 1):] for p in prompts]  # an over-long prompt keeps its newest
+    # each row's own budget: its new tokens end where its positions reach the context's end
+    budgets = [min(max_new_tokens, c.n_positions - len(p)) for p in prompts]
     P = max(map(len, prompts))
-    S = min(P + max_new_tokens, c.n_positions)  # generation stops when the context is full
+    S = P + max(budgets)  # cache columns: the longest prompt, then the largest budget
     pads = torch.tensor([P - len(p) for p in prompts], device=device)[:, None]  # (B, 1)
     x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # left-padded
     column = torch.arange(S, device=device)
-    pos = (column - pads).clamp(min=0)  # (B, S): each row's positions start at its first token
+    # (B, S): each row's positions start at its first token; a row past its budget repeats its
+    # last position, and what it generates there is dropped
+    pos = (column - pads).clamp(0, c.n_positions - 1)
     causal = column[None, :] <= column[:, None]  # (S, S): a query sees keys up to its own
     # (B, S, S): causal and no padding; a pad query sees itself, so no row is all -inf
     mask = (causal & (column >= pads)[:, None, :]) | torch.eye(S, dtype=torch.bool, device=device)
@@ -98,19 +102,21 @@ def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None) -> list:
                         device=device, dtype=model.wte.weight.dtype)
     out = []
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    last_step = torch.tensor(budgets, device=device) - 1  # (B,)
     start = 0
-    for _ in range(S - P):
+    for step in range(S - P):
         T = x.shape[1]
         step_mask = mask[:, None, start:start + T, :start + T]  # (B, 1, T, start+T)
         logits = model(x, pos[:, start:start + T], step_mask, cache, start, last_only=True)
         token = logits[:, -1].argmax(-1)  # greedy, as the book's chapter 7
         out.append(token)
-        done |= token == eos_id
+        done |= (token == eos_id) | (last_step <= step)
         if done.all():
             break
         start += T
         x = token[:, None]
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
+    rows = [r[:budget] for r, budget in zip(rows, budgets)]
     return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
 
 # ---------------- finetuning: LoRA (exercise 7.4), NEFTune
@@ -277,14 +283,24 @@ def download(url: str, dest: str, check, hint: str):
     with response:
         _atomic_write(dest, lambda f: _copy_body(response, f, url), check_download)
 
+# transformers' GPT-2 options this model implements only one way: a checkpoint set otherwise is refused
+GPT2_ONLY = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "tie_word_embeddings": (True,),
+             "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+             "reorder_and_upcast_attn": (False,)}
+
 def read_config(path) -> GPTConfig:
     """A checkpoint's config.json -> GPTConfig (the keys GPT-2 does not use are ignored)."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-        return GPTConfig(**{f.name: raw[f.name] for f in fields(GPTConfig) if f.name in raw})
+            raw = dict(json.load(f))
+        config = GPTConfig(**{f.name: raw[f.name] for f in fields(GPTConfig) if f.name in raw})
     except (OSError, ValueError, TypeError) as e:  # TypeError: not a JSON object
         raise ValueError(f"{path}: not a readable GPT-2 config ({e})") from None
+    for key, allowed in GPT2_ONLY.items():
+        if raw.get(key, allowed[0]) not in allowed:
+            raise ValueError(f"{path}: {key} {raw[key]} (GPT-2's is {allowed[0]}): this GPT-2 "
+                             "cannot represent that checkpoint")
+    return config
 
 def _load_folder(folder: str) -> GPT:
     config = read_config(os.path.join(folder, "config.json"))
@@ -292,10 +308,13 @@ def _load_folder(folder: str) -> GPT:
     state = {}
     for k, v in read_safetensors(path).items():
         k = k.removeprefix("transformer.")  # transformers' save_pretrained adds it
-        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
-            continue  # causal-mask buffers and the tied head carry nothing we need
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers carry nothing we need
         v = v.t() if k.endswith(CONV1D) else v  # Conv1D weights are stored (in, out)
         state[k] = v.float()  # F16 and BF16 load as F32; F32 stays memory-mapped
+    head = state.pop("lm_head.weight", None)  # the head is tied: a copy of wte adds nothing
+    if head is not None and not torch.equal(head, state.get("wte.weight")):
+        raise ValueError(f"{path}: lm_head.weight differs from wte.weight, and this GPT-2 ties them")
     with torch.device("meta"):
         model = GPT(config)  # no memory yet: the file's tensors are assigned below
     model.load_state_dict(state, assign=True)  # names every missing, extra or misshapen tensor

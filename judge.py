@@ -67,53 +67,60 @@ def preflight(model=JUDGE, url=None):
         pulled = ", ".join(names) or "none"
         raise ValueError(f"Ollama at {url} has {pulled}, not {model}: `ollama pull {model}`")
 
-NUMBER = r"(-?\d+(?:\.\d+)?)(?!\w|\.\d)"  # 85, 8.5, -5; not the 1 of 1e3
-SCALE = re.compile(r"\b[01]\s*(?:to|-|–)\s*100\b", re.IGNORECASE)  # "0 to 100": the scale
-FRACTION = re.compile(NUMBER + r"\s*(?:/|out of)\s*(\d+)\b", re.IGNORECASE)  # 85/100, 8 out of 10
-AFTER_WORD = re.compile(r"\b(?:score|rating|rate|give)\D{0,30}?" + NUMBER, re.IGNORECASE)
-LEADING = re.compile(r"\s*" + NUMBER)
+NUMBER = r"(\d+(?:\.\d+)?)(?!\w|\s*(?:to|-|–)\s*\d)"  # 85, 8.5; not 1e3, nor the 0 of "0 to 100"
+OUT_OF = r"(?:\s*(?:/|out of)\s*(\d+))?"  # "/10", " out of 100": the scale the number is on
+BARE = re.compile(r"[\s*_]*" + NUMBER + OUT_OF + r"[\s*_.%]*(?:\n|$)", re.IGNORECASE)  # "**85**."
+# after one of these words, within a clause: "Score: 85", "score of 85", "I would score it 40"
+STATED = re.compile(r"\b(?:score|scored|rate|rated|rating|give)\b[^\d.!?\n-]{0,30}?" + NUMBER + OUT_OF,
+                    re.IGNORECASE)
+PER_100 = re.compile(NUMBER + r"\s*(?:/|out of)\s*100\b", re.IGNORECASE)  # "85/100", "85 out of 100"
+
+def percent(number: str, out_of) -> float:
+    scale = int(out_of or 100)  # no scale given: the prompt's 0 to 100
+    return float(number) * 100 / scale if scale else -1.0  # "out of 0": no score
 
 def parse_score(reply: str):
-    """The 0-100 score in a judge's reply, else None. In this order: a number before "/N" or
-    "out of N", scaled (8/10 is 80); the number after score, rating, rate or give; the number
-    the reply starts with; its only number. "0 to 100" is the scale, never a score; below 0 or
-    over 100 is None."""
-    text = SCALE.sub(" ", reply)
-    fraction = FRACTION.search(text)
-    match = AFTER_WORD.search(text) or LEADING.match(text)
-    numbers = re.findall(r"(?<![\w.])" + NUMBER, text)
-    if fraction and int(fraction.group(2)) > 0:
-        score = float(fraction.group(1)) * 100 / int(fraction.group(2))
-    elif match:
-        score = float(match.group(1))
-    elif len(numbers) == 1:
-        score = float(numbers[0])
-    else:
+    """The 0-100 score a judge's reply states, else None. Stated: a first line that is a number
+    ("85", "**85**.", "8/10" as 80), a number after score, rate, rating or give ("rate it 7 out
+    of 10" as 70), or N/100 anywhere. Numbers elsewhere (1/2 in a formula, 5 out of 5 parts,
+    24/7) are content. Two stated scores that differ, or one outside 0-100, give None."""
+    stated = [m.groups() for m in STATED.finditer(reply)]
+    stated += [(number, "100") for number in PER_100.findall(reply)]
+    bare = BARE.match(reply)
+    if bare:
+        stated.append(bare.groups())
+    scores = {percent(number, out_of) for number, out_of in stated}
+    if len(scores) != 1:  # none, or a doubt
         return None
+    score = scores.pop()
     if not 0 <= score <= 100:
         return None
     return int(score) if score.is_integer() else score
 
 def score_all(prompts: list, journal: str, model=JUDGE, url=None, timeout=TIMEOUT) -> list:
-    """Each prompt's score (None: unparseable), appended to journal as it comes, so a rerun asks
-    only what is missing. A key is the judge and the prompt, which holds the response."""
+    """Each prompt's score (None: none stated), appended to journal with its reply as it comes, so a
+    rerun asks only what is missing. A key is the judge and the prompt, which holds the response."""
     keys = [hashlib.sha1(f"{model}\n{p}".encode()).hexdigest()[:16] for p in prompts]
     known = {}
     with open(journal, "a+", encoding="utf-8") as f:  # first: an unwritable folder fails at once
         f.seek(0)
-        for line in f:
+        lines = f.read()
+        for line in lines.splitlines():
             try:  # a line cut short by a kill is asked again
                 record = json.loads(line)
-                known[record["key"]] = record["score"]
+                known[record["key"]] = parse_score(record["reply"])  # re-read: the parser may be newer
             except (ValueError, TypeError, KeyError):
                 pass
+        if lines and not lines.endswith("\n"):  # a kill mid-line: the next record starts anew
+            f.write("\n")
         if any(key not in known for key in keys):
             preflight(model, url)  # the server is up and has the judge, before the first question
         try:
             for i, (key, prompt) in enumerate(zip(keys, prompts)):
                 if key not in known:
-                    known[key] = parse_score(query(prompt, model, url, timeout))
-                    f.write(json.dumps({"key": key, "score": known[key]}) + "\n")
+                    reply = query(prompt, model, url, timeout)
+                    known[key] = parse_score(reply)
+                    f.write(json.dumps({"key": key, "score": known[key], "reply": reply}) + "\n")
                     f.flush()
                 print(f"\rscoring {i + 1}/{len(prompts)}", end="", file=sys.stderr, flush=True)
         finally:

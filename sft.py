@@ -301,6 +301,11 @@ def load_model(name: str, seed: int = 0) -> gpt.GPT:
         return gpt.GPT(gpt.GPTConfig(n_embd=128, n_layer=4, n_head=4))
     return gpt.from_pretrained(name)
 
+def has_target(row, cfg) -> bool:
+    """Does the row keep a target to learn once cut and masked?"""
+    targets = collate([row], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)[1]
+    return bool((targets != IGNORE).any())
+
 def prepare_rows(cfg, model, enc):
     """The tokenized train and validation rows, and the validation entries."""
     train_e, val_e, test_e = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)
@@ -310,6 +315,13 @@ def prepare_rows(cfg, model, enc):
     cut = sum(len(ids) > cfg.max_length for ids, _ in train_rows + val_rows)
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
         f"{cut} cut to --max-length {cfg.max_length}")
+    for name, rows in (("training", train_rows), ("validation", val_rows)):
+        masked = sum(not has_target(row, cfg) for row in rows)
+        if masked == len(rows):  # a loss over no token: nothing to learn or measure
+            raise ValueError(f"no {name} row keeps a target after --max-length {cfg.max_length} "
+                             "with --mask-prompt: raise --max-length, or train without --mask-prompt")
+        if masked:
+            log(f"{masked} of {len(rows)} {name} rows keep no target (--max-length cuts off their response)")
     if len(train_rows) < cfg.batch_size * cfg.grad_accum:
         raise ValueError(f"--batch-size x --grad-accum is over the {len(train_rows)} training rows")
     return train_rows, val_rows, val_e

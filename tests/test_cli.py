@@ -108,6 +108,8 @@ ERRORS = {
     "malformed device": (["train", "--model", "tiny", "--data", "{data}", "--device", "cpu:abc"], "--device cpu:abc is not available"),
     "nested data": (["train", "--model", "tiny", "--data", "{tmp}/deep.json"], "deep.json: cannot read JSON (maximum recursion"),
     "batch over the rows": (["train", "--model", "tiny", "--data", "{data}", "--batch-size", "9"], "is over the 8 training rows"),
+    "every target masked": (["train", "--model", "tiny", "--data", "{data}", "--mask-prompt", "--max-length", "30"],
+                            "no training row keeps a target after --max-length 30 with --mask-prompt"),
     "eval of an empty folder": (["eval", "--out", "{tmp}"], "holds no run that train wrote"),
     "generate of an empty folder": (["generate", "--out", "{tmp}", "hi"], "holds no run that train wrote"),
 }
@@ -218,6 +220,18 @@ def test_responses_come_back_in_the_entries_order_not_the_length_order(tmp_path,
     saved = json.loads((out / "instruction-data-with-response.json").read_text())
     assert [r["instruction"] for r in saved] == [e["instruction"] for e in entries]
     assert all(r["model_response"].startswith(a) for r, a in zip(saved, alone))  # each begins as its own answer
+
+
+def test_rows_left_without_a_target_are_counted_and_a_loss_over_no_token_is_never_a_number(tmp_path, capsys):
+    short = [(f"Say {w}.", "", w) for w in ("yes", "no", "up", "down", "left", "right", "in", "out", "on", "off")]
+    long = [(i + " Answer at length, please, with every detail you know.", x, o) for i, x, o in MEMO]
+    data = write_data(tmp_path / "d.json", [*long[:4], *short[:4], long[4], short[4]])  # train 8, validation 1
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", tmp_path / "run", "--epochs", 1,
+                       "--batch-size", 2, "--mask-prompt", "--max-length", 42)
+    assert code == 0, err
+    assert "4 of 8 training rows keep no target" in err and "validation rows keep no target" not in err
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["train_loss"] > 0 and m["val_loss"] > 0 for m in metrics)
 
 
 def test_training_caps_max_length_at_a_short_model_context(tmp_path, capsys):

@@ -329,3 +329,24 @@ def test_a_hand_edited_config_is_one_error_naming_the_folder(tmp_path, field, va
     (tmp_path / "model.safetensors").write_bytes(WEIGHTS)
     with pytest.raises(ValueError, match=f"^{tmp_path}.*(not a readable GPT-2 config|not a GPT-2 checkpoint that loads)"):
         gpt.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("edit, named", [({"tie_word_embeddings": False}, "tie_word_embeddings"),
+                                         ({"activation_function": "relu"}, "activation_function relu"),
+                                         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx")])
+def test_a_config_this_gpt2_cannot_represent_is_refused_naming_what_differs(tmp_path, edit, named):
+    gpt.save_pretrained(tiny_model(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ValueError, match=f"{named}.*cannot"):
+        gpt.from_pretrained(str(tmp_path))
+
+
+def test_an_untied_output_head_is_refused_and_a_tied_copy_loads(tmp_path):
+    model = tiny_model()
+    tensors = dict(gpt.read_safetensors(gpt.save_pretrained(model, tmp_path) or tmp_path / "model.safetensors"))
+    gpt.write_safetensors(tmp_path / "model.safetensors", {**tensors, "lm_head.weight": tensors["wte.weight"].clone()})
+    assert torch.equal(gpt.from_pretrained(str(tmp_path)).wte.weight, model.wte.weight)  # tied: the same numbers
+    gpt.write_safetensors(tmp_path / "model.safetensors", {**tensors, "lm_head.weight": tensors["wte.weight"] + 1})
+    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
+        gpt.from_pretrained(str(tmp_path))

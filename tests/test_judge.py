@@ -2,6 +2,7 @@
 import http.server, json, shutil, socket, subprocess, sys, time
 
 import pytest
+from hypothesis import given, strategies as st
 
 import judge
 import sft
@@ -51,14 +52,15 @@ def test_the_reply_is_the_message_content_of_one_json_object():
     assert judge.query("q", url=url) == "Score: 72"
 
 
-SCORES = [  # (reply, score): what judges answer, and the rule's reading (judge.parse_score's docstring)
+SCORES = [  # (reply, score): what judges answer, and the rule's reading (judge.parse_score's docstring); a
+    # number no word states as the score ("deserves 65 points", "a 0-100 scale: 65") is doubt: None
     ("85", 85), ("85.", 85), (" 100 ", 100), ("0", 0), ("72.5", 72.5), ("Score: 85", 85), ("**Score: 90**", 90),
     ("Rating: 92", 92), ("85/100", 85), ("Score: 90/100\nThe response is correct.", 90),
     ("I'd rate the model response ... an 85 out of 100.", 85), (BOOK_REPLIES[0], 85), (BOOK_REPLIES[1], 40),
     (BOOK_REPLIES[2], 95), ("On a scale from 0 to 100, I would score this response 85.", 85),
-    ("Out of 100, I give it 85.", 85), ("The response has 2 errors. Score: 70", 70), ("On a 0-100 scale: 65", 65),
+    ("Out of 100, I give it 85.", 85), ("The response has 2 errors. Score: 70", 70), ("On a 0-100 scale: 65", None),
     ("I'd give it a 95.", 95), ("My score is 88 (out of 100)", 88), ("60\n\nThe response lists 3 of the 4 items.", 60),
-    ("The response deserves 65 points.", 65), ("75%", 75), ("8/10", 80), ("I'd rate it 7/10", 70),
+    ("The response deserves 65 points.", None), ("75%", 75), ("8/10", 80), ("I'd rate it 7/10", 70),
     ("3 out of 5", 60), ("-5", None), ("Score: -5", None), ("1e3", None), ("150", None), ("no number", None),
     ("-", None), ("Somewhere between 70 and 80.", None), ("I cannot score this response.", None), ("", None),
 ]
@@ -67,6 +69,36 @@ SCORES = [  # (reply, score): what judges answer, and the rule's reading (judge.
 @pytest.mark.parametrize("reply,score", SCORES)
 def test_scores_parse_from_the_replies_judges_give(reply, score):
     assert judge.parse_score(reply) == score
+
+
+CONTENT_NUMBERS = [  # replies whose explanations hold numbers: (reply, the score it states, or None in doubt)
+    ("Score: 80. The formula KE = 1/2 mv^2 is stated correctly.", 80),
+    ("95\n\nThe response is correct: 1/2 * base * height.", 95),
+    ("Score: 85\n\nThe model answered 5 out of 5 parts.", 85),
+    ("80\n\nThe model response gives 2 examples of mammals.", 80),
+    ("Given that the response contains 3 errors, I would score it 40.", 40),
+    ("90\n\nThe response is accurate. A score of 100 would require more detail.", None),  # two scores: doubt
+    ("The response mentions 24/7 support. Score: 80", 80),
+    ("I would rate it 7 out of 10.", 70),
+]
+
+
+@pytest.mark.parametrize("reply,score", CONTENT_NUMBERS)
+def test_a_score_is_read_only_where_the_reply_states_it_never_from_numbers_in_its_content(reply, score):
+    assert judge.parse_score(reply) == score
+
+
+DISTRACTIONS = ["The formula is KE = 1/2 mv^2.", "It lists 3 of the 4 items.", "Support is 24/7.", "It gives 2 examples.",
+                "Water boils at 100 degrees.", "Given 5 out of 5 parts, it is complete.", "F = 9/5 C + 32.",
+                "The year was 1969.", "Between 60 and 70 words."]
+STATED = ["Score: {}", "I would score it {}.", "{}/100", "I'd rate it {} out of 100.", "**{}**", "Rating: {}/100"]
+
+
+@given(score=st.integers(0, 100), form=st.sampled_from(STATED), before=st.lists(st.sampled_from(DISTRACTIONS), max_size=3),
+       after=st.lists(st.sampled_from(DISTRACTIONS), max_size=3))
+def test_a_stated_score_among_sentences_with_numbers_gives_that_score_or_none(score, form, before, after):
+    reply = "\n".join([*before, form.format(score), *after])
+    assert judge.parse_score(reply) in (score, None)
 
 
 def test_the_server_is_url_then_ollama_host_as_host_port_or_url_then_localhost(monkeypatch):
@@ -118,6 +150,27 @@ def test_an_interrupted_run_keeps_its_scores_and_a_rerun_asks_only_the_rest(tmp_
     code, out, _ = cli(capsys, path, "--url", url)
     assert code == 0 and len(bodies) == 2  # a, b and c were kept; only d and e are asked
     assert out == "Average score: 50.00 (5 of 5 scored)\n"
+
+
+def test_the_journal_keeps_each_replys_text_and_a_rerun_reads_the_score_from_it_without_asking(tmp_path, capsys):
+    path = responses_file(tmp_path, ["a"])
+    url, bodies = ollama(replies=["Score: 85\n\nThe model answered 5 out of 5 parts."])
+    assert cli(capsys, path, "--url", url)[0] == 0
+    journal = tmp_path / "r-scores.jsonl"
+    [record] = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert record["reply"] == "Score: 85\n\nThe model answered 5 out of 5 parts." and record["score"] == 85
+    journal.write_text(json.dumps({**record, "score": 100}) + "\n")  # as an older parser would have read it
+    code, out, _ = cli(capsys, path, "--url", url)
+    assert code == 0 and len(bodies) == 1 and out == "Average score: 85.00 (1 of 1 scored)\n"
+
+
+def test_a_journal_whose_last_line_lost_its_newline_gets_the_next_record_on_a_line_of_its_own(tmp_path, capsys):
+    path = responses_file(tmp_path, ["a", "b"])
+    (tmp_path / "r-scores.jsonl").write_text('{"key": "0123456789abcdef", "sco')  # killed mid-write
+    url, bodies = ollama(replies=["60"])
+    assert cli(capsys, path, "--url", url)[0] == 0 and len(bodies) == 2
+    code, out, _ = cli(capsys, path, "--url", url)
+    assert code == 0 and len(bodies) == 2 and out == "Average score: 60.00 (2 of 2 scored)\n"  # nothing asked again
 
 
 def test_with_nothing_scored_the_average_is_null_not_zero(tmp_path, capsys):

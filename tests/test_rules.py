@@ -115,6 +115,15 @@ def test_an_over_long_prompt_keeps_its_newest_context_minus_one_tokens_and_gener
     assert len(gpt.generate(model, [prompt[:60]], 10)[0]) == 4  # 60 + 4 = 64
 
 
+def test_each_prompt_has_its_own_budget_so_a_long_neighbour_cuts_no_answer():
+    model = tiny_model(seed=9)  # context 64
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (2, 10, 60, 63)]
+    alone = [gpt.generate(model, [p], 20)[0] for p in prompts]
+    assert [len(a) for a in alone] == [20, 20, 4, 1]  # each until its own positions reach 64
+    assert gpt.generate(model, prompts, 20) == alone
+
+
 def test_the_split_truncates_fractions_as_the_book_does():
     entries = [{"instruction": str(i), "output": ""} for i in range(30)]  # 0.85 x 30 = 25.5: int 25, round 26
     train, val, test = sft.split(entries)
