@@ -1,4 +1,4 @@
-"""GPT-2: the model, generation, LoRA and NEFTune first; checkpoints in and out below the divider."""
+"""GPT-2: the model, generation, LoRA and NEFTune first; fast generation and checkpoints below the divider."""
 import ctypes, http.client, json, math, os, pathlib, re, sys, urllib.error, urllib.request, warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
@@ -27,15 +27,19 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(c.n_embd, c.n_embd)
 
     def forward(self, x, mask=None, cache=None, start=0):
-        """x (B, T, C) -> (B, T, C), causal. generate() also passes a mask that hides left padding
-        and a KV cache holding the keys and values of the tokens before start."""
+        """x (B, T, C) -> (B, T, C), causal. generate_batch() also passes a mask that hides left
+        padding, and a KV cache holding the keys and values of the tokens before start."""
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
-        q, k, v = qkv.transpose(1, 3).unbind(2)  # (B, nh, 3, T, hs): each (B, nh, T, hs)
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        heads = (B, T, self.n_head, C // self.n_head)  # C split into nh heads of hs
+        q = q.view(heads).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(heads).transpose(1, 2)
+        v = v.view(heads).transpose(1, 2)
         if cache is not None:  # (2, B, nh, S, hs): store at [start, start+T), attend to all so far
             cache[:, :, :, start:start + T] = torch.stack((k, v))
             k, v = cache[:, :, :, :start + T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        causal = mask is None  # generate_batch() brings its own causal mask, which also hides pads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 class Block(nn.Module):
@@ -67,7 +71,7 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, idx, pos=None, mask=None, cache=None, start=0, last_only=False):
-        """idx (B, T) token ids -> logits (B, T, vocab); pos, mask, cache, start: generate()'s."""
+        """idx (B, T) token ids -> logits (B, T, vocab); pos, mask, cache, start: generate_batch()'s."""
         if pos is None:
             pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
@@ -78,46 +82,29 @@ class GPT(nn.Module):
         # the head is tied to the token embedding, as GPT-2's (the book trains a copy, out_head)
         return F.linear(self.ln_f(x), self.wte.weight)
 
-# ---------------- generation (chapter 5, greedy)
+# ---------------- generation (chapter 5)
+def next_token(logits, temperature=0.0, top_k=None):
+    """logits (B, vocab) -> ids (B, 1): the most likely, or with a temperature a sample (from the
+    top_k most likely when given), as the book's chapter 5."""
+    if top_k is not None:
+        kth = torch.topk(logits, top_k).values[:, -1:]  # (B, 1): each row's k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if temperature > 0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, num_samples=1)
+    return logits.argmax(dim=-1, keepdim=True)
+
 @torch.no_grad()
-def generate(model: GPT, prompts, max_new_tokens: int, eos_id=None) -> list:
-    """Greedy continuations of prompts (id lists, any lengths) in one KV-cached batch: new ids."""
-    c = model.config
-    device = model.wte.weight.device
-    prompts = [p[-(c.n_positions - 1):] for p in prompts]  # an over-long prompt keeps its newest
-    # each row's own budget: its new tokens end where its positions reach the context's end
-    budgets = [min(max_new_tokens, c.n_positions - len(p)) for p in prompts]
-    P = max(map(len, prompts))
-    S = P + max(budgets)  # cache columns: the longest prompt, then the largest budget
-    pads = torch.tensor([P - len(p) for p in prompts], device=device)[:, None]  # (B, 1)
-    x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # left-padded
-    column = torch.arange(S, device=device)
-    # (B, S): each row's positions start at its first token; a row past its budget repeats its
-    # last position, and what it generates there is dropped
-    pos = (column - pads).clamp(0, c.n_positions - 1)
-    causal = column[None, :] <= column[:, None]  # (S, S): a query sees keys up to its own
-    # (B, S, S): causal and no padding; a pad query sees itself, so no row is all -inf
-    mask = (causal & (column >= pads)[:, None, :]) | torch.eye(S, dtype=torch.bool, device=device)
-    cache = torch.empty(c.n_layer, 2, len(prompts), c.n_head, S, c.n_embd // c.n_head,
-                        device=device, dtype=model.wte.weight.dtype)
-    out = []
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    last_step = torch.tensor(budgets, device=device) - 1  # (B,)
-    start = 0
-    for step in range(S - P):
-        T = x.shape[1]
-        step_mask = mask[:, None, start:start + T, :start + T]  # (B, 1, T, start+T)
-        logits = model(x, pos[:, start:start + T], step_mask, cache, start, last_only=True)
-        token = logits[:, -1].argmax(-1)  # greedy, as the book's chapter 7
-        out.append(token)
-        done |= (token == eos_id) | (last_step <= step)
-        if done.all():
+def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
+    """The book's generate: idx (B, T) -> (B, T + new), one whole forward per new token (see
+    generate_batch for the fast one); stops before appending eos_id."""
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -context_size:])[:, -1]  # (B, vocab): the last position's
+        token = next_token(logits, temperature, top_k)
+        if eos_id is not None and bool((token == eos_id).all()):
             break
-        start += T
-        x = token[:, None]
-    rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
-    rows = [r[:budget] for r, budget in zip(rows, budgets)]
-    return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+        idx = torch.cat((idx, token), dim=1)
+    return idx
 
 # ---------------- finetuning: LoRA (exercise 7.4), NEFTune
 class LoRALinear(nn.Module):
@@ -161,7 +148,50 @@ def add_neftune(model, alpha: float):
         return embeddings + torch.empty_like(embeddings).uniform_(-bound, bound)
     model.wte.register_forward_hook(noisy)
 
-# ================ the tool: checkpoints in and out (safetensors, the hub), none of it the chapter
+# ================ the tool: checkpoints in and out, fast generation; none of it the chapter
+# ---------------- fast generation: a batch of prompts at once, with a KV cache
+@torch.no_grad()
+def generate_batch(model: GPT, prompts, max_new_tokens: int, temperature=0.0, top_k=None,
+                   eos_id=None) -> list:
+    """generate() for prompts (id lists, any lengths) at once, KV-cached: each one's new ids."""
+    c = model.config
+    device = model.wte.weight.device
+    prompts = [p[-(c.n_positions - 1):] for p in prompts]  # an over-long prompt keeps its newest
+    # each row's own budget: its new tokens end where its positions reach the context's end
+    budgets = [min(max_new_tokens, c.n_positions - len(p)) for p in prompts]
+    P = max(map(len, prompts))
+    S = P + max(budgets)  # cache columns: the longest prompt, then the largest budget
+    pads = torch.tensor([P - len(p) for p in prompts], device=device)[:, None]  # (B, 1)
+    x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # left-padded
+    column = torch.arange(S, device=device)
+    # (B, S): each row's positions start at its first token; a row past its budget repeats its
+    # last position, and what it generates there is dropped
+    pos = (column - pads).clamp(0, c.n_positions - 1)
+    causal = column[None, :] <= column[:, None]  # (S, S): a query sees keys up to its own
+    # (B, S, S): causal and no padding; a pad query sees itself, so no row is all -inf
+    mask = (causal & (column >= pads)[:, None, :]) | torch.eye(S, dtype=torch.bool, device=device)
+    cache = torch.empty(c.n_layer, 2, len(prompts), c.n_head, S, c.n_embd // c.n_head,
+                        device=device, dtype=model.wte.weight.dtype)
+    out = []
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    last_step = torch.tensor(budgets, device=device) - 1  # (B,)
+    start = 0
+    for step in range(S - P):
+        T = x.shape[1]
+        step_mask = mask[:, None, start:start + T, :start + T]  # (B, 1, T, start+T)
+        logits = model(x, pos[:, start:start + T], step_mask, cache, start, last_only=True)
+        token = next_token(logits[:, -1], temperature, top_k)[:, 0]  # (B,)
+        out.append(token)
+        done |= (token == eos_id) | (last_step <= step)
+        if done.all():
+            break
+        start += T
+        x = token[:, None]
+    rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
+    rows = [r[:budget] for r, budget in zip(rows, budgets)]
+    return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+
+# ---------------- safetensors
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIKTOKEN_CACHE = os.path.join(HERE, "data", "tiktoken-cache")  # GPT-2's BPE files, shipped
 TOKENIZER_FILES = {  # the hub's names for them: tiktoken's (SHA-1s of their URLs) for its cache

@@ -1,10 +1,11 @@
-"""Scoring with a local Ollama judge (chapter 7's end): the book's prompt and the request first.
+"""Scoring with a judge, Ollama or OpenAI-compatible (chapter 7's end): the book's prompt first.
 A leaf, standard library only: sft.py builds the prompts and runs it (python sft.py judge FILE)."""
 import hashlib, http.client, json, os, re, sys, urllib.error, urllib.request
 
 JUDGE = "llama3"
 # deterministic, as the book; num_predict caps a reply's length (the score comes first)
 OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
+OPENAI_OPTIONS = {"temperature": 0, "seed": 123, "max_tokens": 512}  # the same, in OpenAI's names
 TIMEOUT = 300  # seconds for a whole reply; the first also waits for Ollama to load the model
 
 def judge_prompt(prompt: str, output: str, response: str) -> str:
@@ -21,51 +22,85 @@ def server(url=None) -> str:
         url = "http://" + url
     return url.rstrip("/")
 
+def is_openai(url: str) -> bool:
+    """A URL ending in /v1 is an OpenAI-compatible server's (LM Studio, llama.cpp, vLLM, OpenAI)."""
+    return url.endswith("/v1")
+
 def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
-    """One chat turn, answered as one JSON object ("stream": false); call() is below the divider."""
+    """One chat turn, answered as one JSON object: Ollama's /api/chat ("stream": false), or
+    an OpenAI-compatible /chat/completions. call() is below the divider."""
     url = server(url)
     messages = [{"role": "user", "content": prompt}]
-    body = {"model": model, "messages": messages, "stream": False, "options": OPTIONS}
-    reply = call(url, "/api/chat", body, timeout)
-    message = reply.get("message") if isinstance(reply, dict) else None
-    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-        raise ValueError(f"Ollama at {url} sent a chat reply without message content")
-    return message["content"]
+    if is_openai(url):
+        body = {"model": model, "messages": messages, **OPENAI_OPTIONS}
+        reply = call(url, "/chat/completions", body, timeout)
+    else:
+        body = {"model": model, "messages": messages, "stream": False, "options": OPTIONS}
+        reply = call(url, "/api/chat", body, timeout)
+    try:  # {"choices": [{"message": {...}}]} or {"message": {...}}
+        message = reply["choices"][0]["message"] if is_openai(url) else reply["message"]
+        content = message["content"]
+    except (TypeError, KeyError, IndexError):
+        content = None
+    if not isinstance(content, str):
+        raise ValueError(f"{who(url)} sent a chat reply without message content")
+    return content
 
 # ================ the tool: failures in one line, the check, scores out of replies, the journal
 CHECK_TIMEOUT = 10  # seconds for the check: a server that is up lists its models at once
 
+def who(url: str) -> str:
+    return f"the server at {url}" if is_openai(url) else f"Ollama at {url}"
+
 def call(url: str, path: str, body, timeout: float):
-    """GET url + path (POST if there is a body) -> the JSON answered; any failure one ValueError."""
+    """GET url + path (POST if there is a body) -> the JSON answered; any failure one ValueError.
+    OPENAI_API_KEY, when set, goes to /v1 URLs only, and into no message."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data, {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get("OPENAI_API_KEY")
+    if key and is_openai(url):
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url + path, data, headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())  # a reply cut short is not JSON: never a score
-    except urllib.error.HTTPError as e:  # Ollama's errors are {"error": "..."}
+    except urllib.error.HTTPError as e:  # {"error": "..."} or {"error": {"message": ...}}
+        if e.code in (401, 403) and is_openai(url):
+            raise ValueError(f"{who(url)} refused the key (HTTP {e.code}): set OPENAI_API_KEY "
+                             "to a key it takes") from None
         detail = e.read().decode(errors="replace")[:300]
-        raise ValueError(f"Ollama at {url} answered HTTP {e.code}: {detail}") from None
+        if key:
+            detail = detail.replace(key, "[OPENAI_API_KEY]")
+        raise ValueError(f"{who(url)} answered HTTP {e.code}: {detail}") from None
     except (TimeoutError, urllib.error.URLError) as e:
         if isinstance(getattr(e, "reason", e), TimeoutError):  # connected, then silence
             advice = "loading a model can take minutes: raise --timeout"
             if body is None:  # the check, which asks for no model
                 advice = "is that the right address? (--url, OLLAMA_HOST)"
-            raise ValueError(f"Ollama at {url} sent no reply within {timeout:g}s; {advice}") from None
-        raise ValueError(f"cannot reach Ollama at {url} ({e.reason}): start it (`ollama serve`, "
-                         "https://ollama.com), or point OLLAMA_HOST or --url at it") from None
+            raise ValueError(f"{who(url)} sent no reply within {timeout:g}s; {advice}") from None
+        start = "start it, or point --url at it"
+        if not is_openai(url):
+            start = "start it (`ollama serve`, https://ollama.com), or point OLLAMA_HOST or --url at it"
+        raise ValueError(f"cannot reach {who(url)} ({e.reason}): {start}") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # a reset, a cut, not JSON
-        raise ValueError(f"Ollama at {url} sent a broken reply ({type(e).__name__})") from None
+        raise ValueError(f"{who(url)} sent a broken reply ({type(e).__name__})") from None
 
 def preflight(model=JUDGE, url=None):
-    """Is a server there, with the judge model pulled? One quick request, before any work."""
+    """Is a server there, and does it have the judge? One quick request, before any work."""
     url = server(url)
-    try:
-        names = [str(m["name"]) for m in call(url, "/api/tags", None, CHECK_TIMEOUT)["models"]]
+    openai = is_openai(url)
+    path = "/models" if openai else "/api/tags"
+    try:  # {"data": [{"id": ...}]} or {"models": [{"name": ...}]}
+        answer = call(url, path, None, CHECK_TIMEOUT)
+        listed = answer["data"] if openai else answer["models"]
+        names = [str(m["id"] if openai else m["name"]) for m in listed]
     except (TypeError, KeyError):
-        raise ValueError(f"Ollama at {url}: /api/tags sent no list of models") from None
-    if model not in names and f"{model}:latest" not in names:  # llama3.1 is not llama3
-        pulled = ", ".join(names) or "none"
-        raise ValueError(f"Ollama at {url} has {pulled}, not {model}: `ollama pull {model}`")
+        raise ValueError(f"{who(url)}: {path} sent no list of models") from None
+    if model in names or (f"{model}:latest" in names and not openai):
+        return  # llama3.1 is not llama3
+    listed = ", ".join(names) or "none"
+    fix = "pick one with --judge" if openai else f"`ollama pull {model}`"
+    raise ValueError(f"{who(url)} has {listed}, not {model}: {fix}")
 
 NUMBER = r"(\d+(?:\.\d+)?)(?!\w|\s*(?:to|-|–)\s*\d)"  # 85, 8.5; not 1e3, nor the 0 of "0 to 100"
 OUT_OF = r"(?:\s*(?:/|out of)\s*(\d+))?"  # "/10", " out of 100": the scale the number is on

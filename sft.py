@@ -1,33 +1,33 @@
 """Instruction finetuning of GPT-2 (the book's chapter 7): the chapter first, the tool below it."""
-import argparse, copy, hashlib, json, math, os, shutil, sys, time
+import argparse, contextlib, copy, hashlib, json, math, os, shutil, sys, time
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 import gpt  # first: it quiets torch's warning about a missing numpy
+from gpt import generate
 import judge
 import tiktoken
 import torch
-import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
-EOT = gpt.EOT    # <|endoftext|>: pads the batches, and is the one end target each row keeps
-IGNORE = -100    # targets that cross_entropy skips
+EOT = 50256      # <|endoftext|>: pads the batches, and is the one end target each row keeps
+IGNORE = -100    # targets that cross_entropy skips (its default ignore_index)
 SPLIT = (0.85, 0.10)  # train and test fractions, as the book; validation gets the rest
-STYLES = {  # (instruction, input when non-empty, response marker)
+STYLES = {  # (instruction, input when non-empty)
     "alpaca": ("Below is an instruction that describes a task. Write a response that "
                "appropriately completes the request.\n\n### Instruction:\n{instruction}",
-               "\n\n### Input:\n{input}", "\n\n### Response:\n"),
-    "phi3": ("<|user|>\n{instruction}", "\n{input}", "\n<|assistant|>\n")}
+               "\n\n### Input:\n{input}"),
+    "phi3": ("<|user|>\n{instruction}", "\n{input}")}
+RESPONSE = {"alpaca": "\n\n### Response:\n", "phi3": "\n<|assistant|>\n"}  # the answer follows
 
-def log(message):  # progress and notes go to stderr; answers and scores to stdout
-    print(message, file=sys.stderr, flush=True)
-
-# ---------------- data: prompts, the split (7.2), tokens, batches (7.3)
-def format_prompt(entry: dict, style: str = "alpaca") -> str:
-    """The prompt up to and including the response marker (the book's format_input stops
-    before it): training appends the output, inference generates it."""
-    head, extra, marker = STYLES[style]
-    prompt = head.format(instruction=entry["instruction"])
+# ---------------- data: prompts, the split (7.2), the dataset and its batches (7.3)
+def format_input(entry: dict, style: str = "alpaca") -> str:
+    """The book's prompt: the instruction, then the input if there is one. RESPONSE[style]
+    follows it in the training text and in the prompt an answer is generated from."""
+    instruction, input_text = STYLES[style]
+    prompt = instruction.format(instruction=entry["instruction"])
     if entry.get("input"):
-        prompt += extra.format(input=entry["input"])
-    return prompt + marker
+        prompt += input_text.format(input=entry["input"])
+    return prompt
 
 def split(entries: list, source: str = "data") -> tuple:
     """(train, val, test) in file order, with the book's arithmetic: 935 / 55 / 110 of 1,100."""
@@ -40,152 +40,172 @@ def split(entries: list, source: str = "data") -> tuple:
         raise ValueError(f"{source}: {len(entries)} entries are too few to split: at least 10")
     return train_part, val_part, test_part
 
-def tokenize(entries: list, enc, style: str = "alpaca") -> list:
-    """[(ids, prompt_len)]: ids = enc(prompt) + enc(output); a written <|endoftext|> stays text."""
-    prompts = enc.encode_ordinary_batch([format_prompt(e, style) for e in entries])
-    outputs = enc.encode_ordinary_batch([e["output"] for e in entries])
-    return [(p + o, len(p)) for p, o in zip(prompts, outputs)]
+class InstructionDataset(Dataset):
+    """The book's dataset: each entry's ids, the prompt and the output encoded apart (a written
+    <|endoftext|> stays text). mask_prompt: items are (prompt_len, ids), exercise 7.2's form."""
+    def __init__(self, data, tokenizer, style="alpaca", mask_prompt=False):
+        self.mask_prompt = mask_prompt
+        self.prompt_lengths = []
+        self.encoded_texts = []
+        for entry in data:
+            prompt = tokenizer.encode_ordinary(format_input(entry, style) + RESPONSE[style])
+            self.prompt_lengths.append(len(prompt))
+            self.encoded_texts.append(prompt + tokenizer.encode_ordinary(entry["output"]))
 
-def collate(batch, pad_id=EOT, ignore_index=IGNORE, max_length=None, mask_prompt=False):
-    """[(ids, prompt_len)] -> inputs, targets (B, T), T the longest row (at most max_length).
-    The book's example, rows [0..4], [5, 6], [7, 8, 9] with E = 50256 and _ = -100, gives
+    def __getitem__(self, index):
+        if self.mask_prompt:
+            return self.prompt_lengths[index], self.encoded_texts[index]
+        return self.encoded_texts[index]
+
+    def __len__(self):
+        return len(self.encoded_texts)
+
+def collate(batch, pad_token_id=EOT, ignore_index=IGNORE, allowed_max_length=None, device="cpu"):
+    """The book's custom_collate_fn: id lists, or (prompt_len, ids) whose prompt is masked ->
+    inputs, targets (B, T), T the longest row (at most allowed_max_length). The book's example,
+    rows [0..4], [5, 6], [7, 8, 9] with E = 50256 and _ = -100, gives
     inputs  [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]] and
     targets [[1, 2, 3, 4, E], [6, E, _, _, _], [8, 9, E, _, _]]. Masks go by position, not value."""
-    T = max(len(ids) for ids, _ in batch)
-    inputs = torch.full((len(batch), T), pad_id)
+    rows = [item if isinstance(item, tuple) else (0, item) for item in batch]  # (prompt_len, ids)
+    T = max(len(ids) for _, ids in rows)
+    inputs = torch.full((len(rows), T), pad_token_id)
     # all -100 at first: the book's "every padding token but the first becomes -100" is done by
     # writing each row's real targets, and its one end-of-text, over them
-    targets = torch.full((len(batch), T), ignore_index)
-    for i, (ids, prompt_len) in enumerate(batch):
+    targets = torch.full((len(rows), T), ignore_index)
+    for i, (prompt_len, ids) in enumerate(rows):
         n = len(ids)
         inputs[i, :n] = torch.tensor(ids)
         targets[i, :n - 1] = inputs[i, 1:n]  # position j predicts token j + 1
-        targets[i, n - 1] = pad_id  # the one end-of-text to emit, so the model learns to stop
-        if mask_prompt:  # targets 0 .. prompt_len - 2 are prompt tokens 1 .. prompt_len - 1;
-            targets[i, :prompt_len - 1] = ignore_index  # the response's first token stays
-    return inputs[:, :max_length], targets[:, :max_length]
+        targets[i, n - 1] = pad_token_id  # the one end-of-text to emit, so the model learns to stop
+        # exercise 7.2: targets 0 .. prompt_len - 2 are prompt tokens 1 .. prompt_len - 1
+        targets[i, :max(prompt_len - 1, 0)] = ignore_index  # the response's first token stays
+    inputs = inputs[:, :allowed_max_length]
+    targets = targets[:, :allowed_max_length]
+    return inputs.to(device), targets.to(device)
 
 # ---------------- the loss and the training loop (7.6)
-def loss_sum(model, inputs, targets, device, bf16=False):
-    """Cross-entropy summed over the targets that count: divided by their number, it is the
-    book's calc_loss_batch (the mean over one batch)."""
-    inputs = inputs.to(device)
-    targets = targets.to(device)
-    device_type = torch.device(device).type  # device: "cpu" (as the book) or a torch.device
-    with torch.autocast(device_type, torch.bfloat16, enabled=bf16):  # the weights stay fp32
-        logits = model(inputs)  # (B, T, vocab)
-    logits = logits.flatten(0, 1).float()  # (B*T, vocab)
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
-
-def loss_and_backward(model, micro_batches, device, bf16=False):
-    """Gradients of the token-weighted mean loss over [(inputs, targets)]: as one batch of all.
-    With one micro-batch, the book's calc_loss_batch then loss.backward()."""
-    count = sum(int((t != IGNORE).sum()) for _, t in micro_batches)  # on the CPU: no device sync
-    count = max(count, 1)
-    losses = []
-    for inputs, targets in micro_batches:
-        losses.append(loss_sum(model, inputs, targets, device, bf16))
-        (losses[-1] / count).backward()  # each part over the whole count, not its own
-    return sum(losses).detach(), count
-
-def batches(rows, cfg):
-    """[(inputs, targets)] of cfg.batch_size rows each, with the run's truncation and masking."""
-    for i in range(0, len(rows), cfg.batch_size):
-        part = rows[i:i + cfg.batch_size]
-        yield collate(part, max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)
+def calc_loss_batch(input_batch, target_batch, model, device):
+    """The mean cross-entropy over the batch's targets (the -100 ones are skipped)."""
+    input_batch = input_batch.to(device)
+    target_batch = target_batch.to(device)
+    logits = model(input_batch)  # (B, T, vocab)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
 
 @torch.no_grad()
-def mean_loss(model, rows, cfg, device) -> float:
-    """The book's calc_loss_loader, token-weighted: the mean over every target of rows."""
-    model.eval()  # no training-only noise in what is measured
+def calc_loss_loader(data_loader, model, device, num_batches=None):
+    """The mean loss over every target of the first num_batches batches (None: all), each batch
+    weighted by its number of targets (the book averages the batches' means)."""
     total = 0.0
     count = 0
-    for inputs, targets in batches(rows, cfg):
-        total += loss_sum(model, inputs, targets, device, cfg.precision == "bf16").item()
-        count += int((targets != IGNORE).sum())
-    return total / max(count, 1)
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i == num_batches:
+            break
+        n = int((target_batch != IGNORE).sum())
+        if n:  # a batch with no target has no mean
+            total += calc_loss_batch(input_batch, target_batch, model, device).item() * n
+            count += n
+    return total / count if count else float("nan")
 
-def lr_factor(cfg, step: int, steps: int) -> float:
-    """--lr's multiplier for step 1 .. steps: linear warmup from 0, then 1 or a cosine to 0."""
-    s = step - 1  # as transformers: the first update uses f(0), so a warmup starts at 0
-    if s < cfg.warmup_steps:
-        return s / cfg.warmup_steps
-    if cfg.schedule == "constant":
+def loss_and_backward(model, micro_batches, device) -> tuple:
+    """Gradients of the mean loss over the targets of all micro-batches, as one batch of all
+    their rows (exercise 7.3's accumulation). Returns (the summed loss, the target count)."""
+    counts = [int((targets != IGNORE).sum()) for _, targets in micro_batches]
+    summed = 0.0
+    for (inputs, targets), n in zip(micro_batches, counts):
+        if n:
+            loss = calc_loss_batch(inputs, targets, model, device)  # this part's mean
+            (loss * n / sum(counts)).backward()  # weighted by its share of all the targets
+            summed += loss.detach() * n
+    return summed, sum(counts)
+
+def lr_factor(step: int, steps: int, warmup_steps=0, cosine=False) -> float:
+    """Beyond the chapter (appendix D, in transformers' conventions): the rate's multiplier at
+    update step 0 .. steps - 1, a linear warmup from 0, then 1 or a cosine to 0."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    if not cosine:
         return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (s - cfg.warmup_steps) / (steps - cfg.warmup_steps)))
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (steps - warmup_steps)))
 
-def report(model, rows, cfg, device, train_loss: float, **point) -> dict:
-    """One point of the curves, logged: the train loss given, the validation loss of rows."""
-    val_loss = mean_loss(model, rows, cfg, device)
-    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # never NaN in metrics
-        raise ValueError(f"training diverged (loss {train_loss}, step {point['step']}): lower --lr")
-    log(f"epoch {point['epoch']} step {point['step']}: train {train_loss:.3f}, validation "
-        f"{val_loss:.3f} ({len(rows)} rows), lr {point['lr']:.3g}, gradient norm "
-        f"{point['grad_norm']:.3g}, {point['tokens']:,} tokens in {point['seconds']:.0f}s")
-    return dict(**point, train_loss=train_loss, val_loss=val_loss)
+def steps_of(loader, grad_accum: int):
+    """The loader's batches in groups of grad_accum, one group per optimizer step (a partial
+    last group is dropped)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == grad_accum:
+            yield group
+            group = []
 
-def run_epochs(model, optimizer, train_rows, val_rows, cfg, device, steps_per_epoch: int):
-    """The book's train_model_simple: shuffled batches, the last partial one dropped; yields
-    (epoch, metrics) after each epoch. cfg is a TrainConfig (the tool's settings, below)."""
-    rows_per_step = cfg.batch_size * cfg.grad_accum
-    steps = steps_per_epoch * cfg.epochs
-    # every report measures the same first k validation rows, k so that one epoch's reports cost
-    # one pass over them all: k = 3 of the book's 55 (116 steps an epoch, a report every 5)
-    subset = val_rows[:math.ceil(len(val_rows) / max(steps_per_epoch // cfg.eval_every, 1))]
-    log(f"training: lr {cfg.lr:g}, effective batch {rows_per_step} ({cfg.batch_size} x "
-        f"{cfg.grad_accum}), {steps} steps; validation on {len(subset)} rows at each report")
-    first_batch = mean_loss(model, train_rows[:cfg.batch_size], cfg, device)
-    start = dict(step=0, epoch=0, lr=0.0, grad_norm=0.0, tokens=0, seconds=0)  # before any update
-    metrics = [report(model, val_rows, cfg, device, first_batch, **start)]
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    losses = []  # (summed loss, target count) of each step since the last report
-    tokens = 0
+def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq,
+                       eval_iter, start_context, tokenizer, warmup_steps=0, cosine=False,
+                       max_grad_norm=None, grad_accum=1, on_epoch=None, context_size=1024):
+    """The book's loop, returning (train_losses, val_losses, tokens_seen) at every eval_freq-th
+    step. Each train loss is the mean over the steps since the last report, each validation loss
+    the first eval_iter batches of val_loader. Off by default, beyond the book: warmup, cosine
+    decay, clipping, accumulation; on_epoch(epoch, reports) after each epoch (the tool saves);
+    context_size: the model's, for the sample answer after each epoch (GPT-2's is 1024)."""
+    peak_lr = optimizer.param_groups[0]["lr"]
+    steps = num_epochs * (len(train_loader) // grad_accum) if cosine else 0
+    reports = []  # one dict per report: the curves' points, and what the tool logs
+    window = []  # (summed loss, target count) of each step since the last report
+    tokens_seen = 0
     step = 0
     started = time.time()
-    for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(len(train_rows), generator=shuffle).tolist()
-        for i in range(steps_per_epoch):
-            step += 1
-            batch = [train_rows[j] for j in order[i * rows_per_step:(i + 1) * rows_per_step]]
-            model.train()  # this GPT-2 has no dropout: train mode only turns NEFTune's noise on
-            micro_batches = list(batches(batch, cfg))
-            losses.append(loss_and_backward(model, micro_batches, device, cfg.precision == "bf16"))
-            lr = cfg.lr * lr_factor(cfg, step, steps)
+    for epoch in range(1, num_epochs + 1):
+        model.train()  # this GPT-2 has no dropout: train mode only turns NEFTune's noise on
+        for micro_batches in steps_of(train_loader, grad_accum):
+            window.append(loss_and_backward(model, micro_batches, device))
+            lr = peak_lr * lr_factor(step, steps, warmup_steps, cosine)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # the global norm before clipping (with max_norm inf: measured, the gradients untouched)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens += sum(min(len(ids), cfg.max_length) for ids, _ in batch)
-            if step % cfg.eval_every == 0 or step == steps:
-                # the train loss: these steps' own (the book's evaluate_model measures it again)
-                train_loss = sum(loss for loss, _ in losses).item() / sum(n for _, n in losses)
-                losses = []  # the sum above stays on the device until .item(): one sync a report
-                rows = val_rows if step == steps else subset  # all of them at the end
-                seconds = round(time.time() - started, 2)
-                metrics.append(report(model, rows, cfg, device, train_loss, step=step, epoch=epoch,
-                                      lr=lr, grad_norm=norm.item(), tokens=tokens, seconds=seconds))
-        yield epoch, metrics
+            optimizer.zero_grad()
+            tokens_seen += sum(inputs.numel() for inputs, _ in micro_batches)
+            if step % eval_freq == 0:
+                train_loss = float(sum(s for s, _ in window)) / max(sum(n for _, n in window), 1)
+                window = []
+                model.eval()  # validation without NEFTune's noise
+                val_loss = calc_loss_loader(val_loader, model, device, eval_iter)
+                model.train()
+                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                    raise ValueError(f"training diverged (loss {train_loss}): lower the learning rate")
+                reports.append(dict(step=step, epoch=epoch, lr=lr, grad_norm=norm.item(),
+                                    tokens=tokens_seen, train_loss=train_loss, val_loss=val_loss,
+                                    seconds=round(time.time() - started, 2)))
+                print(f"Ep {epoch} (Step {step:06d}): Train loss {train_loss:.3f}, "
+                      f"Val loss {val_loss:.3f}")
+            step += 1
+        model.eval()  # the book's generate_and_print_sample: 50 tokens after the prompt
+        prompt = torch.tensor([tokenizer.encode_ordinary(start_context)], device=device)
+        ids = generate(model, prompt, 50, context_size, eos_id=EOT)
+        print(tokenizer.decode(ids[0].tolist()).replace("\n", " "))
+        if on_epoch is not None:
+            on_epoch(epoch, reports)
+    model.train()
+    return ([r["train_loss"] for r in reports], [r["val_loss"] for r in reports],
+            [r["tokens"] for r in reports])
 
 # ---------------- answers (7.7)
-def respond(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False) -> list:
-    """Each entry's greedy answer (its new tokens as text), 32 prompts of like length at a time."""
-    model.eval()
-    prompts = [enc.encode_ordinary(format_prompt(e, style)) for e in entries]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
-    for k in range(0, len(order), 32):
-        chunk = order[k:k + 32]
-        new_ids = gpt.generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_id=EOT)
-        for i, ids in zip(chunk, new_ids):
-            answers[i] = enc.decode(ids).strip()  # back in the entries' order
-        if progress:  # minutes for gpt2-medium on a CPU
-            log(f"answered {k + len(chunk)} of {len(prompts)}")
+def respond(model, entries, tokenizer, device, style="alpaca", max_new_tokens=256,
+            context_size=1024) -> list:
+    """The book's loop over test_data: each entry's greedy answer (its new tokens, as text)."""
+    answers = []
+    for entry in entries:
+        prompt = tokenizer.encode_ordinary(format_input(entry, style) + RESPONSE[style])
+        idx = torch.tensor([prompt], device=device)
+        ids = generate(model, idx, max_new_tokens, context_size, eos_id=EOT)
+        answers.append(tokenizer.decode(ids[0, len(prompt):].tolist()).strip())
     return answers
 
 # ================ the tool: what runs the job for real and fails well, none of it the chapter
 DATA = os.path.join(gpt.HERE, "data", "instruction-data.json")  # the book's 1,100 entries (Apache-2.0)
+CURVE_ROWS = 8  # validation rows each point of the curve measures, the same ones every time
+
+def log(message):  # progress and notes go to stderr; answers and scores to stdout
+    print(message, file=sys.stderr, flush=True)
 
 def flag(default, help):
     return field(default=default, metadata={"help": help})
@@ -301,30 +321,40 @@ def load_model(name: str, seed: int = 0) -> gpt.GPT:
         return gpt.GPT(gpt.GPTConfig(n_embd=128, n_layer=4, n_head=4))
     return gpt.from_pretrained(name)
 
-def has_target(row, cfg) -> bool:
-    """Does the row keep a target to learn once cut and masked?"""
-    targets = collate([row], max_length=cfg.max_length, mask_prompt=cfg.mask_prompt)[1]
+def has_target(item, max_length: int) -> bool:
+    """Does the item keep a target to learn once cut and masked?"""
+    targets = collate([item], allowed_max_length=max_length)[1]
     return bool((targets != IGNORE).any())
 
-def prepare_rows(cfg, model, enc):
-    """The tokenized train and validation rows, and the validation entries."""
+def prepare_data(cfg, model, enc):
+    """The training and validation datasets, and the validation entries."""
     train_e, val_e, test_e = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)
     cfg.max_length = min(cfg.max_length, model.config.n_positions)  # where the position table ends
-    train_rows = tokenize(train_e, enc, cfg.style)
-    val_rows = tokenize(val_e, enc, cfg.style)
-    cut = sum(len(ids) > cfg.max_length for ids, _ in train_rows + val_rows)
+    train_set = InstructionDataset(train_e, enc, cfg.style, cfg.mask_prompt)
+    val_set = InstructionDataset(val_e, enc, cfg.style, cfg.mask_prompt)
+    texts = train_set.encoded_texts + val_set.encoded_texts
+    cut = sum(len(ids) > cfg.max_length for ids in texts)
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
         f"{cut} cut to --max-length {cfg.max_length}")
-    for name, rows in (("training", train_rows), ("validation", val_rows)):
-        masked = sum(not has_target(row, cfg) for row in rows)
-        if masked == len(rows):  # a loss over no token: nothing to learn or measure
+    for name, items in (("training", list(train_set)), ("validation", list(val_set))):
+        masked = sum(not has_target(item, cfg.max_length) for item in items)
+        if masked:
+            log(f"{masked} of {len(items)} {name} rows keep no target (--max-length cuts their response)")
+        if masked == len(items):  # a loss over no token: nothing to learn, nothing to measure
             raise ValueError(f"no {name} row keeps a target after --max-length {cfg.max_length} "
                              "with --mask-prompt: raise --max-length, or train without --mask-prompt")
-        if masked:
-            log(f"{masked} of {len(rows)} {name} rows keep no target (--max-length cuts off their response)")
-    if len(train_rows) < cfg.batch_size * cfg.grad_accum:
-        raise ValueError(f"--batch-size x --grad-accum is over the {len(train_rows)} training rows")
-    return train_rows, val_rows, val_e
+    if len(train_set) < cfg.batch_size * cfg.grad_accum:
+        raise ValueError(f"--batch-size x --grad-accum is over the {len(train_set)} training rows")
+    return train_set, val_set, val_e
+
+def autocast_training(model, device: torch.device):
+    """bf16 autocast around each forward that is differentiated (a training step's); the weights
+    and AdamW stay fp32, and validation and generation, under no_grad, run in fp32."""
+    forward = model.forward
+    def forward_in_bf16(*args, **kwargs):
+        with torch.autocast(device.type, torch.bfloat16, enabled=torch.is_grad_enabled()):
+            return forward(*args, **kwargs).float()
+    model.forward = forward_in_bf16
 
 # ---------------- the loss plot
 def _text(x: float, y: float, label, anchor="middle", more="") -> str:
@@ -354,13 +384,15 @@ def loss_svg(metrics: list, steps_per_epoch: int) -> str:
         at = x(epoch * steps_per_epoch)
         svg.append(f'<path d="M{at:.1f},20 V350" stroke="gray" stroke-dasharray="2,4"/>')
         svg.append(_text(at - 4, 344, f"epoch {epoch}", "end", ' fill="gray"'))
-    curves = (("train_loss", "train", "#1f77b4", "none"), ("val_loss", "validation", "#f80", "6,4"))
-    for row, (key, name, color, dash) in enumerate(curves):
+    curves = (("train_loss", "train", "#1f77b4", "none", "train: the steps since the last point"),
+              ("val_loss", "validation", "#f80", "6,4",
+               f"validation: the same {metrics[0]['val_rows']} rows at every point"))
+    for row, (key, name, color, dash, legend) in enumerate(curves):
         style = f'stroke="{color}" stroke-width="2" fill="none" stroke-dasharray="{dash}"'
         points = " ".join(f"{x(m['step']):.1f},{y(m[key]):.1f}" for m in metrics)
         svg.append(f'<polyline id="{name}" {style} points="{points}"/>')
-        svg.append(f'<path d="M490,{34 + 16 * row} h24" {style}/>')  # the legend
-        svg.append(_text(520, 38 + 16 * row, name, "start"))
+        svg.append(f'<path d="M330,{34 + 16 * row} h24" {style}/>')  # the legend
+        svg.append(_text(360, 38 + 16 * row, legend, "start"))
     return "\n".join(svg) + "\n</svg>\n"
 
 # ---------------- the run folder
@@ -389,8 +421,9 @@ def held_before(out: str) -> str:
         return "no epoch finished; nothing was saved"
     return f"no epoch of this run finished; {out} still holds the earlier run's epoch {epoch}"
 
-def save_run(model, cfg, metrics: list, steps_per_epoch: int, epoch: int):
-    """Every file under a temp name first, then the renames, run.json last: no two runs mixed."""
+def save_run(model, cfg, metrics: list, steps_per_epoch: int, done: dict):
+    """Every file under a temp name first, then the renames, run.json last: no two runs mixed.
+    done: what run.json adds to the settings (the epoch, the whole validation set's loss)."""
     staging = os.path.join(cfg.out, ".saving")
     if cfg.lora_rank:  # a copy with the adapters folded in (a plain GPT-2); training goes on
         model = gpt.merge_lora(copy.deepcopy(model))
@@ -399,12 +432,19 @@ def save_run(model, cfg, metrics: list, steps_per_epoch: int, epoch: int):
         metrics_lines = "".join(json.dumps(m) + "\n" for m in metrics)
         gpt.write_text(os.path.join(staging, "metrics.jsonl"), metrics_lines)
         gpt.write_text(os.path.join(staging, "loss.svg"), loss_svg(metrics, steps_per_epoch))
-        settings = json.dumps({**asdict(cfg), "epochs_done": epoch}, indent=2)
-        gpt.write_text(os.path.join(staging, "run.json"), settings)
+        gpt.write_text(os.path.join(staging, "run.json"), json.dumps({**asdict(cfg), **done}, indent=2))
         for name in RUN_FILES:
             os.replace(os.path.join(staging, name), os.path.join(cfg.out, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+def loaders(cfg, train_set, val_set) -> tuple:
+    """The book's DataLoaders: training shuffled by --seed (the last partial batch dropped)."""
+    collate_fn = partial(collate, allowed_max_length=cfg.max_length)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True,
+                              generator=shuffle, collate_fn=collate_fn)
+    return train_loader, DataLoader(val_set, cfg.batch_size, collate_fn=collate_fn)
 
 def train(cfg: TrainConfig):
     claim_out(cfg.out)  # first: an unwritable --out must not cost a training
@@ -413,30 +453,65 @@ def train(cfg: TrainConfig):
     if cfg.precision == "auto":  # run.json keeps what it trained in
         cfg.precision = "bf16" if native_bf16(device) else "fp32"
     model = load_model(cfg.model, cfg.seed)
-    train_rows, val_rows, val_e = prepare_rows(cfg, model, enc)
+    train_set, val_set, val_e = prepare_data(cfg, model, enc)
     if cfg.lora_rank:
         model = gpt.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.neftune_alpha:
         gpt.add_neftune(model, cfg.neftune_alpha)
     model = model.to(device)
+    if cfg.precision == "bf16":
+        autocast_training(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
     log(f"model: {cfg.model} on {device} in {cfg.precision}, {trainable:,} trainable of {total:,}"
         " parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    steps_per_epoch = len(train_rows) // (cfg.batch_size * cfg.grad_accum)
-    kept = held_before(cfg.out)
+    train_loader, val_loader = loaders(cfg, train_set, val_set)
+    steps_per_epoch = len(train_loader) // cfg.grad_accum
+    eval_iter = math.ceil(CURVE_ROWS / cfg.batch_size)  # the curve's batches: the same each time
+    curve_rows = min(eval_iter * cfg.batch_size, len(val_set))
+    log(f"training: lr {cfg.lr:g}, effective batch {cfg.batch_size * cfg.grad_accum} "
+        f"({cfg.batch_size} x {cfg.grad_accum}), {steps_per_epoch * cfg.epochs} steps; validation "
+        f"on {curve_rows} rows at each report, on all {len(val_set)} after each epoch")
+    before = held_before(cfg.out)
+    saved = []
+    started = time.time()
+    def save(epoch, reports):  # after each epoch: the whole validation set, then the run folder
+        val_loss = calc_loss_loader(val_loader, model, device)
+        metrics = [{**r, "val_rows": curve_rows} for r in reports]
+        done = {"epochs_done": epoch, "val_loss": val_loss, "val_rows": len(val_set)}
+        save_run(model, cfg, metrics, steps_per_epoch, done)
+        saved.append(val_loss)
+        log(f"epoch {epoch}: validation loss {val_loss:.3f} on all {len(val_set)} rows; saved")
+    start_context = format_input(val_e[0], cfg.style) + RESPONSE[cfg.style]
     try:
-        for epoch, metrics in run_epochs(model, optimizer, train_rows, val_rows, cfg, device,
-                                         steps_per_epoch):
-            answer = respond(model, val_e[:1], enc, cfg.style, 50)[0]  # as the book, each epoch
-            log(f"epoch {epoch} sample response to {val_e[0]['instruction']!r}: {answer!r}")
-            save_run(model, cfg, metrics, steps_per_epoch, epoch)
-            kept = f"{cfg.out} holds epoch {epoch}"
+        with contextlib.redirect_stdout(sys.stderr):  # the book's prints are progress here
+            train_model_simple(model, train_loader, val_loader, optimizer, device, cfg.epochs,
+                               cfg.eval_every, eval_iter, start_context, enc,
+                               warmup_steps=cfg.warmup_steps, cosine=cfg.schedule == "cosine",
+                               max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum,
+                               on_epoch=save, context_size=model.config.n_positions)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(kept) from None
-    log(f"trained in {metrics[-1]['seconds']:.1f}s; validation loss {metrics[-1]['val_loss']:.3f}")
+        raise KeyboardInterrupt(f"{cfg.out} holds epoch {len(saved)}" if saved else before) from None
+    log(f"trained in {time.time() - started:.1f}s; validation loss {saved[-1]:.3f}")
+
+def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False,
+           **sampling) -> list:
+    """respond(), fast: 32 prompts of like length at a time through gpt.generate_batch."""
+    model.eval()
+    prompts = [enc.encode_ordinary(format_input(e, style) + RESPONSE[style]) for e in entries]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    for k in range(0, len(order), 32):
+        chunk = order[k:k + 32]
+        chunk_prompts = [prompts[i] for i in chunk]
+        new_ids = gpt.generate_batch(model, chunk_prompts, max_new_tokens, eos_id=EOT, **sampling)
+        for i, ids in zip(chunk, new_ids):
+            answers[i] = enc.decode(ids).strip()  # back in the entries' order
+        if progress:  # minutes for gpt2-medium on a CPU
+            log(f"answered {k + len(chunk)} of {len(prompts)}")
+    return answers
 
 # ---------------- the commands and the command line
 def load_run(out: str, device: str):
@@ -444,7 +519,8 @@ def load_run(out: str, device: str):
     try:  # no run there, or a hand-edited run.json: one line, whatever is wrong
         with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
             settings = json.load(f)
-        settings.pop("epochs_done", None)
+        for key in ("epochs_done", "val_loss", "val_rows"):  # what train adds to the settings
+            settings.pop(key, None)
         cfg = TrainConfig(**settings)
         model = load_model(out)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
@@ -453,17 +529,22 @@ def load_run(out: str, device: str):
 
 def generate_command(a):
     """generate: answers alone on stdout; no instruction: one per line of stdin, as each comes."""
+    if a.temperature < 0 or (a.top_k is not None and a.top_k < 1):
+        raise ValueError("--temperature must be 0 or more, and --top-k 1 or more")
     model, cfg = load_run(a.out, a.device)  # once, however many instructions follow
     enc = tokenizer()
+    top_k = None if a.top_k is None else min(a.top_k, model.config.vocab_size)
     chat = a.instruction is None
     if chat and sys.stdin.isatty():  # a prompt on a terminal; in a pipe, nothing but the answers
         log("instructions, one per line (Ctrl-D ends):")
     for line in sys.stdin if chat else [a.instruction]:
         entry = {"instruction": line.rstrip("\n"), "input": a.input}
-        answer = respond(model, [entry], enc, cfg.style, a.max_new_tokens)[0]
+        torch.manual_seed(a.seed)  # the same seed, the same answer
+        answer_text = answer(model, [entry], enc, cfg.style, a.max_new_tokens,
+                             temperature=a.temperature, top_k=top_k)[0]
         if chat:  # one line per answer: its own line breaks are written as \n
-            answer = answer.replace("\n", "\\n")
-        print(answer, flush=True)
+            answer_text = answer_text.replace("\n", "\\n")
+        print(answer_text, flush=True)
 
 def judge_file(path: str, key: str, a):
     """Score every entry's response; X-scores.json beside X.json holds each entry with its score."""
@@ -471,9 +552,7 @@ def judge_file(path: str, key: str, a):
     for i, e in enumerate(entries):
         if not isinstance(e.get(key), str):
             raise ValueError(f"{path}: entry {i} has no string {key!r}; pick the field with --key")
-    marker = STYLES["alpaca"][2]
-    prompts = [format_prompt(e).removesuffix(marker) for e in entries]  # the book asks without it
-    prompts = [judge.judge_prompt(p, e["output"], e[key]) for p, e in zip(prompts, entries)]
+    prompts = [judge.judge_prompt(format_input(e), e["output"], e[key]) for e in entries]
     stem = path.removesuffix(".json")
     scores = judge.score_all(prompts, stem + "-scores.jsonl", a.judge, a.url, a.timeout)
     entries = [{**e, "score": score} for e, score in zip(entries, scores)]
@@ -491,7 +570,7 @@ def eval_command(a):
     except ValueError as e:  # said now, not after minutes of answering
         log(f"warning: {e}; the responses will still be generated and saved")
     test = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)[2]
-    responses = respond(model, test, tokenizer(), cfg.style, progress=True)
+    responses = answer(model, test, tokenizer(), cfg.style, progress=True)
     path = os.path.join(a.out, RESPONSES + ".json")
     answered = [{**e, "model_response": r} for e, r in zip(test, responses)]
     gpt.write_text(path, json.dumps(answered, indent=2))
@@ -541,6 +620,9 @@ def main(argv=None):
     ge.add_argument("instruction", nargs="?", help="the instruction (none: one per line of stdin)")
     ge.add_argument("--input", default="", help="the instruction's input, if any")
     ge.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
+    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); more: sample")
+    ge.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    ge.add_argument("--seed", type=int, default=123, help="the sampling's seed (default 123)")
     for p in (ev, ge):
         p.add_argument("--out", default="runs/gpt2-medium", help="a run folder written by train")
         p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")

@@ -46,15 +46,17 @@ def flops_per_token(c, T):
 def bench_training(peak, bf16=False, steps=6, batch=8):
     """Tokens/s and MFU of forward + backward + fused AdamW, as sft.train runs them, in fp32 or under bf16 autocast."""
     enc, cfg = sft.tokenizer(), sft.TrainConfig(batch_size=batch)
-    rows = sft.tokenize(sft.split(sft.load_entries(DATA))[0], enc)
+    rows = sft.InstructionDataset(sft.split(sft.load_entries(DATA))[0], enc).encoded_texts
     model, dev = small(), torch.device("cpu")
+    if bf16:
+        sft.autocast_training(model, dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)  # as sft.train
     batches = [sft.collate(rows[i * batch:(i + 1) * batch]) for i in range(steps + 1)]
     done, flops, t0 = 0, 0, None
     for i, (x, y) in enumerate(batches):
         if i == 1:
             t0 = time.perf_counter()  # the first step warms up
-        sft.loss_and_backward(model, [(x, y)], dev, bf16)
+        sft.loss_and_backward(model, [(x, y)], dev)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i:
@@ -70,18 +72,15 @@ def bench_training(peak, bf16=False, steps=6, batch=8):
 def bench_generation(new=64, plain_prompts=4):
     enc = sft.tokenizer()
     test = sft.split(sft.load_entries(DATA))[2]
-    prompts = [enc.encode_ordinary(sft.format_prompt(e)) for e in test]
+    prompts = [enc.encode_ordinary(sft.format_input(e) + sft.RESPONSE["alpaca"]) for e in test]
     model = small().eval()
     t0 = time.perf_counter()
     for k in range(0, len(prompts), 32):
-        gpt.generate(model, prompts[k:k + 32], new)
+        gpt.generate_batch(model, prompts[k:k + 32], new)
     batched = len(prompts) * new / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    with torch.no_grad():  # the book's loop: one prompt at a time, the whole context recomputed per token
-        for p in prompts[:plain_prompts]:
-            ids = torch.tensor([p])
-            for _ in range(new):
-                ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    for p in prompts[:plain_prompts]:  # the book's generate: one prompt at a time, the whole context per token
+        gpt.generate(model, torch.tensor([p]), new, model.config.n_positions)
     plain = plain_prompts * new / (time.perf_counter() - t0)
     row("generate tokens/s, batched + KV cache", f"{batched:,.0f}", f"110 test prompts x {new} new tokens")
     row("generate tokens/s, the book's plain loop", f"{plain:,.0f}", f"{plain_prompts} prompts, one at a time")

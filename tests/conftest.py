@@ -34,6 +34,7 @@ class Bodies(list):
     def __init__(self):
         super().__init__()
         self.paths = []
+        self.headers = []
 
 
 def ollama(replies=("85",), models=("llama3:latest",), status=200, error=None, stall=False, tags=None,
@@ -61,6 +62,7 @@ def ollama(replies=("85",), models=("llama3:latest",), status=200, error=None, s
         def do_POST(self):
             bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             bodies.paths.append(self.path)
+            bodies.headers.append(dict(self.headers))
             failing = fail_from is not None and len(bodies) >= fail_from
             if status != 200 or failing:
                 return self.send(500 if failing else status, {"error": error or "boom"})
@@ -77,6 +79,56 @@ def ollama(replies=("85",), models=("llama3:latest",), status=200, error=None, s
             pass
     url, srv = serve(Ollama)
     return url, bodies
+
+
+def openai_server(replies=("85",), models=("gpt-4o-mini",), status=200, error="boom", key=None, body=None):
+    """A stand-in OpenAI-compatible server on 127.0.0.1, in OpenAI's shapes: GET /v1/models lists data[].id, POST
+    /v1/chat/completions answers choices[0].message.content, errors are {"error": {"message", "type", "code"}}.
+    key: the only Authorization it takes (401 otherwise). Records each chat body, and every request's headers."""
+    import json
+    bodies = Bodies()
+
+    class OpenAI(http.server.BaseHTTPRequestHandler):
+        def send(self, code, obj):
+            raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def fail(self, code, message, kind, error_code):
+            self.send(code, {"error": {"message": message, "type": kind, "param": None, "code": error_code}})
+
+        def refused(self):
+            bodies.headers.append(dict(self.headers))
+            if key is not None and self.headers.get("Authorization") != f"Bearer {key}":
+                sent = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                self.fail(401, f"Incorrect API key provided: {sent}.", "invalid_request_error", "invalid_api_key")
+                return True
+            return False
+
+        def do_GET(self):
+            if not self.refused():
+                self.send(200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "me"} for m in models]})
+
+        def do_POST(self):
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.refused():
+                return
+            bodies.append(request)
+            bodies.paths.append(self.path)
+            if status != 200:
+                return self.fail(status, error, "rate_limit_exceeded" if status == 429 else "server_error", None)
+            if body is not None:
+                return self.send(200, body)
+            reply = replies[(len(bodies) - 1) % len(replies)]
+            choice = {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
+            self.send(200, {"id": "chatcmpl-1", "object": "chat.completion", "model": request["model"], "choices": [choice]})
+
+        def log_message(self, *a):
+            pass
+    url, srv = serve(OpenAI)
+    return url + "/v1", bodies
 
 
 from hypothesis import settings  # noqa: E402

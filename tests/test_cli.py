@@ -58,20 +58,24 @@ def test_a_local_checkpoint_trains_writes_the_run_directory_and_evaluates(tmp_pa
     assert code == 0, err
     assert sorted(os.listdir(out)) == RUN_FOLDER
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [0, 3, 6, 9, 12, 15, 16]  # 34 train rows // 4 = 8 steps an epoch
+    assert [m["step"] for m in metrics] == [0, 3, 6, 9, 12, 15]  # 34 train rows // 4 = 8 steps an epoch, 0 .. 15
     assert all({"step", "epoch", "tokens", "train_loss", "val_loss", "seconds"} <= m.keys() for m in metrics)
+    assert [m["val_rows"] for m in metrics] == [2] * 6  # every point: the same rows (the 2 validation rows here)
+    settings = json.loads((out / "run.json").read_text())
+    assert (settings["epochs_done"], settings["val_rows"]) == (2, 2) and settings["val_loss"] > 0  # the whole set
     svg = ET.parse(out / "loss.svg").getroot()
     lines = {p.get("id"): p for p in svg.iter("{http://www.w3.org/2000/svg}polyline")}
     assert lines.keys() == {"train", "validation"} and lines["validation"].get("stroke-dasharray") != "none"
     assert len(lines["train"].get("points").split()) == len(metrics)  # a point per report
     texts = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
-    assert {"epoch 1", "epoch 2", "optimizer step", "loss", "train", "validation"} <= set(texts)
+    assert {"epoch 1", "optimizer step", "loss", "train: the steps since the last point",
+            "validation: the same 2 rows at every point"} <= set(texts)  # what each curve measures
     y_ticks = [float(t.text) for t in svg.iter("{http://www.w3.org/2000/svg}text")
                if t.get("text-anchor") == "end" and t.get("fill") != "gray"]
     losses = [m[k] for m in metrics for k in ("train_loss", "val_loss")]
     assert y_ticks[0] == pytest.approx(min(losses), abs=0.01) and y_ticks[-1] == pytest.approx(max(losses), abs=0.01)
     x_ticks = [int(t.text) for t in svg.iter("{http://www.w3.org/2000/svg}text") if t.get("y") == "368.0"]
-    assert x_ticks == [0, 4, 8, 12, 16]  # evenly spaced, from the first step to the last, none repeated
+    assert x_ticks == [0, 4, 8, 11, 15]  # evenly spaced, from the first report to the last, none repeated
     url, bodies = ollama(replies=["Score: 80", "70", "I'd rate it 90 out of 100.", "no idea"])
     monkeypatch.setenv("OLLAMA_HOST", url)
     code, _, err = run(capsys, "eval", "--out", out)
@@ -167,7 +171,7 @@ def test_ctrl_c_during_training_keeps_the_last_finished_epoch_and_says_so(tmp_pa
     p = subprocess.Popen([sys.executable, "sft.py", "train", "--model", "tiny", "--data", small_data, "--out", str(out),
                           "--epochs", "1000", "--batch-size", "2"], stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(sft.__file__))
     for line in p.stderr:  # wait until the third epoch has been saved
-        if line.startswith("epoch 3 sample"):
+        if line.startswith("epoch 3: validation loss"):
             break
     p.send_signal(signal.SIGINT)
     rest = p.stderr.read()
@@ -212,9 +216,10 @@ def test_responses_come_back_in_the_entries_order_not_the_length_order(tmp_path,
     out = fake_run(tmp_path, filler + test + [("Val.", "", "v")] * 2)  # 30 entries: 25 train, 3 test, 2 validation
     model, cfg = sft.load_run(str(out), "cpu")
     entries = [{"instruction": i, "input": x, "output": o} for i, x, o in test]
-    alone = [sft.respond(model, [e], sft.tokenizer(), max_new_tokens=8)[0] for e in entries]
+    alone = [sft.answer(model, [e], sft.tokenizer(), max_new_tokens=8)[0] for e in entries]
     assert len(set(alone)) == 3  # distinct answers, so a mix-up would show
-    assert sft.respond(model, entries, sft.tokenizer(), max_new_tokens=8) == alone
+    assert sft.answer(model, entries, sft.tokenizer(), max_new_tokens=8) == alone
+    assert sft.respond(model, entries, sft.tokenizer(), "cpu", max_new_tokens=8) == alone  # the chapter's slow loop
     monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{free_port()}")
     run(capsys, "eval", "--out", out)  # no judge: the responses (256 tokens each) are still written
     saved = json.loads((out / "instruction-data-with-response.json").read_text())
@@ -257,7 +262,7 @@ def test_generate_answers_each_line_of_stdin_as_the_one_instruction_form_does(tm
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(instructions) + "\n"))
     code, stdout, err = run(capsys, "generate", "--out", out, "--max-new-tokens", 12)
     assert code == 0 and stdout.splitlines() == alone and "Ctrl-D" not in err  # a pipe: nothing but answers
-    monkeypatch.setattr(sft, "respond", lambda *args: ["a list:\n1. red\n2. blue"])
+    monkeypatch.setattr(sft, "answer", lambda *args, **options: ["a list:\n1. red\n2. blue"])
     monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n"))
     _, stdout, _ = run(capsys, "generate", "--out", out)
     assert stdout == "a list:\\n1. red\\n2. blue\n" * 2  # one line per answer: its line breaks written as \n

@@ -4,6 +4,8 @@ position, never by value."""
 import json, os, subprocess, sys
 
 import pytest
+from functools import partial
+from torch.utils.data import DataLoader
 from hypothesis import given, settings, strategies as st
 
 import sft
@@ -23,9 +25,15 @@ batches = st.lists(rows(), min_size=1, max_size=5)
 options = st.fixed_dictionaries({"max_length": st.one_of(st.none(), st.integers(1, 14)), "mask_prompt": st.booleans()})
 
 
+def collate(batch, max_length=None, mask_prompt=False):
+    """sft.collate on rows (ids, prompt_len): the book's id lists, or with mask_prompt exercise 7.2's (prompt_len, ids)."""
+    items = [(plen, ids) if mask_prompt else ids for ids, plen in batch]
+    return sft.collate(items, allowed_max_length=max_length)
+
+
 def full(batch, **kw):
     """The collate without truncation, to compare truncated output against."""
-    return sft.collate(batch, mask_prompt=kw.get("mask_prompt", False))
+    return collate(batch, mask_prompt=kw.get("mask_prompt", False))
 
 
 @settings(max_examples=300)
@@ -39,7 +47,7 @@ def test_R1_inputs_are_the_ids_then_padding(batch, kw):
 @settings(max_examples=300)
 @given(batches)
 def test_R2_targets_are_ids_shifted_then_one_end_of_text_then_ignored(batch):
-    _, targets = sft.collate(batch)
+    _, targets = collate(batch)
     for row, (ids, _) in zip(targets.tolist(), batch):
         n = len(ids)
         assert row[:n - 1] == ids[1:] and row[n - 1] == EOT and set(row[n:]) <= {IGN}
@@ -49,8 +57,8 @@ def test_R2_targets_are_ids_shifted_then_one_end_of_text_then_ignored(batch):
 @settings(max_examples=300)
 @given(batches)
 def test_R3_prompt_masking_ignores_exactly_the_prompt_predictions(batch):
-    _, plain = sft.collate(batch)
-    _, masked = sft.collate(batch, mask_prompt=True)
+    _, plain = collate(batch)
+    _, masked = collate(batch, mask_prompt=True)
     for a, b, (ids, plen) in zip(plain.tolist(), masked.tolist(), batch):
         assert b[:plen - 1] == [IGN] * (plen - 1)
         assert b[plen - 1:] == a[plen - 1:]
@@ -60,7 +68,7 @@ def test_R3_prompt_masking_ignores_exactly_the_prompt_predictions(batch):
 @settings(max_examples=300)
 @given(batches, options)
 def test_R4_truncation_keeps_the_first_max_length_columns(batch, kw):
-    inputs, targets = sft.collate(batch, **kw)
+    inputs, targets = collate(batch, **kw)
     whole_in, whole_tg = full(batch, **kw)
     width = max(len(ids) for ids, _ in batch)
     assert inputs.shape[1] == targets.shape[1] == min(width, kw["max_length"] or width)
@@ -71,7 +79,7 @@ def test_R4_truncation_keeps_the_first_max_length_columns(batch, kw):
 @settings(max_examples=300)
 @given(batches, options)
 def test_R5_an_end_of_text_inside_the_ids_stays_a_target(batch, kw):
-    _, targets = sft.collate(batch, **kw)
+    _, targets = collate(batch, **kw)
     for row, (ids, plen) in zip(targets.tolist(), batch):
         for j in range(len(row)):
             if j + 1 < len(ids) and ids[j + 1] == EOT and not (kw["mask_prompt"] and j < plen - 1):
@@ -81,14 +89,27 @@ def test_R5_an_end_of_text_inside_the_ids_stays_a_target(batch, kw):
 @settings(max_examples=200)
 @given(batches)
 def test_padding_is_per_batch_to_the_longest_row(batch):
-    inputs, targets = sft.collate(batch)
+    inputs, targets = collate(batch)
     assert inputs.shape == targets.shape == (len(batch), max(len(ids) for ids, _ in batch))
 
 
 def test_the_books_worked_example():
-    inputs, targets = sft.collate([([0, 1, 2, 3, 4], 1), ([5, 6], 1), ([7, 8, 9], 1)])
+    inputs, targets = sft.collate([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
     assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, EOT, EOT, EOT], [7, 8, 9, EOT, EOT]]
     assert targets.tolist() == [[1, 2, 3, 4, EOT], [6, EOT, IGN, IGN, IGN], [8, 9, EOT, IGN, IGN]]
+    _, masked = sft.collate([(3, [0, 1, 2, 3, 4]), (1, [5, 6]), (2, [7, 8, 9])])  # exercise 7.2's (prompt_len, ids)
+    assert masked.tolist() == [[IGN, IGN, 3, 4, EOT], [6, EOT, IGN, IGN, IGN], [IGN, 9, EOT, IGN, IGN]]
+
+
+def test_the_books_dataloader_call_gives_batches_on_the_device_asked_for():
+    dataset = sft.InstructionDataset(json.loads(DATA.read_text())[:20], sft.tokenizer())
+    collate_fn = partial(sft.collate, device="meta", allowed_max_length=1024)  # the book's call (meta: a device)
+    loader = DataLoader(dataset, batch_size=8, collate_fn=collate_fn, shuffle=False, drop_last=False, num_workers=0)
+    batches = list(loader)
+    assert [tuple(inputs.shape)[0] for inputs, _ in batches] == [8, 8, 4]
+    assert all(inputs.device.type == targets.device.type == "meta" for inputs, targets in batches)
+    inputs, targets = sft.collate([dataset[i] for i in range(8)])
+    assert inputs.shape == batches[0][0].shape and inputs[0, :len(dataset[0])].tolist() == dataset[0]
 
 
 # ---------------------------------------------------------------- the book's data
@@ -101,18 +122,20 @@ def test_books_split_and_prompt_templates_to_the_character():
     e50, e999 = entries[50], entries[999]
     assert e50["input"] and not e999["input"]
     head = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-    assert sft.format_prompt(e50) == f"{head}\n\n### Instruction:\n{e50['instruction']}\n\n### Input:\n{e50['input']}\n\n### Response:\n"
-    assert sft.format_prompt(e999) == f"{head}\n\n### Instruction:\n{e999['instruction']}\n\n### Response:\n"
-    assert sft.format_prompt(e50, "phi3") == f"<|user|>\n{e50['instruction']}\n{e50['input']}\n<|assistant|>\n"
-    assert sft.format_prompt(e999, "phi3") == f"<|user|>\n{e999['instruction']}\n<|assistant|>\n"
+    assert sft.format_input(e50) == f"{head}\n\n### Instruction:\n{e50['instruction']}\n\n### Input:\n{e50['input']}"
+    assert sft.format_input(e999) == f"{head}\n\n### Instruction:\n{e999['instruction']}"  # the book's: no marker
+    assert sft.RESPONSE["alpaca"] == "\n\n### Response:\n"
+    assert sft.format_input(e50, "phi3") + sft.RESPONSE["phi3"] == f"<|user|>\n{e50['instruction']}\n{e50['input']}\n<|assistant|>\n"
+    assert sft.format_input(e999, "phi3") == f"<|user|>\n{e999['instruction']}"
 
 
 def test_tokens_are_prompt_then_output_and_end_of_text_in_data_is_plain_text():
     enc = sft.tokenizer()
     entry = {"instruction": "Say <|endoftext|> twice.", "input": "", "output": "<|endoftext|> <|endoftext|>"}
-    [(ids, plen)] = sft.tokenize([entry], enc)
-    assert EOT not in ids
-    assert enc.decode(ids[:plen]) == sft.format_prompt(entry) and enc.decode(ids[plen:]) == entry["output"]
+    plen, ids = sft.InstructionDataset([entry], enc, mask_prompt=True)[0]
+    assert EOT not in ids and sft.InstructionDataset([entry], enc)[0] == ids
+    prompt = sft.format_input(entry) + sft.RESPONSE["alpaca"]
+    assert enc.decode(ids[:plen]) == prompt and enc.decode(ids[plen:]) == entry["output"]
 
 
 def test_the_tokenizer_works_offline_from_the_shipped_files(tmp_path):

@@ -78,13 +78,17 @@ def attention_dtypes(model):
     return seen
 
 
-def test_the_loss_autocasts_to_bf16_only_when_asked_and_keeps_the_weights_fp32():
+def test_bf16_autocasts_the_differentiated_forwards_only_and_keeps_the_weights_and_logits_fp32():
     model = tiny_model(seed=2)
     seen = attention_dtypes(model)
-    inputs, targets = sft.collate([([5, 9, 14, 3], 2), ([8, 2], 1)], pad_id=0)
-    fp32 = sft.loss_sum(model, inputs, targets, "cpu")  # a string device, as the book passes it
-    bf16 = sft.loss_sum(model, inputs, targets, torch.device("cpu"), bf16=True)
-    assert seen == [torch.float32, torch.bfloat16] and fp32.dtype == bf16.dtype == torch.float32
+    inputs, targets = sft.collate([(2, [5, 9, 14, 3]), (1, [8, 2])], pad_token_id=0)
+    fp32 = sft.calc_loss_batch(inputs, targets, model, "cpu")  # a string device, as the book passes it
+    sft.autocast_training(model, torch.device("cpu"))
+    bf16 = sft.calc_loss_batch(inputs, targets, model, "cpu")  # a training step's forward
+    with torch.no_grad():
+        measured = sft.calc_loss_batch(inputs, targets, model, "cpu")  # validation's, generation's
+    assert seen == [torch.float32, torch.bfloat16, torch.float32]
+    assert fp32.dtype == bf16.dtype == torch.float32 and measured.item() == fp32.item()
     assert bf16.item() == pytest.approx(fp32.item(), rel=0.02) and bf16.item() != fp32.item()
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 

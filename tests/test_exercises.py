@@ -3,6 +3,7 @@ import json, math
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import gpt
 import sft
@@ -17,7 +18,7 @@ def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(t
     gpt.add_lora(model, rank=4, alpha=8)
     with torch.no_grad():
         assert torch.equal(model(ids), base)  # B starts at zero
-    sft.loss_sum(model, ids, ids, torch.device("cpu")).backward()
+    sft.calc_loss_batch(ids, ids, model, "cpu").backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
     assert trained and all(n.endswith((".A", ".B")) for n in trained)
     assert len(trained) == 2 * 4 * 2  # A and B on c_attn, attn.c_proj, c_fc, mlp.c_proj of 2 blocks
@@ -38,10 +39,10 @@ def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(t
 
 def test_gradient_accumulation_equals_one_batch_of_all_the_rows():
     g = torch.Generator().manual_seed(0)
-    rows = [(torch.randint(0, 512, (n,), generator=g).tolist(), p) for n, p in ((3, 1), (9, 4), (5, 5), (12, 2), (2, 1))]
+    rows = [(p, torch.randint(0, 512, (n,), generator=g).tolist()) for n, p in ((3, 1), (9, 4), (5, 5), (12, 2), (2, 1))]
     def grads(parts):
         model = tiny_model(seed=5)
-        loss, n = sft.loss_and_backward(model, [sft.collate(part, pad_id=0, mask_prompt=True) for part in parts], torch.device("cpu"))
+        loss, n = sft.loss_and_backward(model, [sft.collate(part, pad_token_id=0) for part in parts], "cpu")
         return loss / n, [p.grad.clone() for p in model.parameters()]
     whole_loss, whole = grads([rows])
     split_loss, split = grads([rows[:2], rows[2:3], rows[3:]])  # micro-batches with 10, 1 and 11 target tokens
@@ -82,7 +83,9 @@ def assert_a_whole_hugging_face_folder(out, cache):
                                     special_tokens={"<|endoftext|>": 50256})
     entries = json.loads(DATA.read_text())
     assert len(entries) == 1100 and from_folder.n_vocab == reference.n_vocab == 50257
-    assert sft.tokenize(entries, from_folder) == sft.tokenize(entries, reference)
+    ours = sft.InstructionDataset(entries, reference, mask_prompt=True)
+    theirs = sft.InstructionDataset(entries, from_folder, mask_prompt=True)
+    assert list(theirs) == list(ours)
 
 
 def block_input(model, ids):
@@ -125,7 +128,8 @@ def test_a_neftune_run_keeps_its_alpha_in_run_json(tmp_path, capsys):
 
 # ---------------------------------------------------------------- the learning-rate schedule and clipping
 def transformers_lr(k, lr, warmup, steps, cosine):
-    """The learning rate of update k (1 .. steps), by get_(constant|cosine)_schedule_with_warmup's formula."""
+    """The learning rate of update k (1 .. steps), by get_(constant|cosine)_schedule_with_warmup's formula (written
+    anew here: sft counts steps from 0, as the book's global_step)."""
     s = k - 1
     if s < warmup:
         return lr * s / warmup
@@ -136,20 +140,23 @@ def transformers_lr(k, lr, warmup, steps, cosine):
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_the_learning_rate_follows_warmup_then_the_schedule_as_transformers(schedule):
-    cfg = sft.TrainConfig(model="tiny", lr=1e-3, warmup_steps=10, schedule=schedule)
+    cosine = schedule == "cosine"
     for k in (1, 2, 10, 11, 12, 55, 99, 100):  # the first step (0), the warmup's last, the decay's middle, the last
-        assert cfg.lr * sft.lr_factor(cfg, k, 100) == pytest.approx(transformers_lr(k, 1e-3, 10, 100, schedule == "cosine"),
-                                                                    abs=1e-15)
-    assert sft.lr_factor(cfg, 1, 100) == 0 and sft.lr_factor(cfg, 11, 100) == 1
-    assert sft.lr_factor(cfg, 100, 100) == pytest.approx(1.0 if schedule == "constant" else 3.046e-4, abs=1e-7)  # just above 0
+        assert 1e-3 * sft.lr_factor(k - 1, 100, 10, cosine) == pytest.approx(transformers_lr(k, 1e-3, 10, 100, cosine),
+                                                                             abs=1e-15)
+    assert sft.lr_factor(0, 100, 10, cosine) == 0 and sft.lr_factor(10, 100, 10, cosine) == 1
+    assert sft.lr_factor(99, 100, 10, cosine) == pytest.approx(1.0 if not cosine else 3.046e-4, abs=1e-7)  # just above 0
 
 
 def steps_seen(monkeypatch, **settings):
-    """A tiny run of run_epochs: each step's gradients as backward left them, as the optimizer saw them, and its lr."""
+    """A tiny run of train_model_simple: each step's gradients as backward left them, as the optimizer saw them, and its
+    lr, with one report a step."""
     model = tiny_model(seed=3, vocab=50257)
-    rows = sft.tokenize([{"instruction": i, "input": x, "output": o} for i, x, o in MEMO], sft.tokenizer())
-    cfg = sft.TrainConfig(model="tiny", batch_size=2, epochs=1, eval_every=1, lr=1e-3, precision="fp32", **settings)
-    raw, seen, lrs = [], [], []
+    enc = sft.tokenizer()
+    rows = sft.InstructionDataset([{"instruction": i, "input": x, "output": o} for i, x, o in MEMO], enc)
+    train_loader = DataLoader(list(rows)[:8], batch_size=2, collate_fn=sft.collate)
+    val_loader = DataLoader(list(rows)[8:], batch_size=2, collate_fn=sft.collate)
+    raw, seen, lrs, reports = [], [], [], []
 
     def backward(model, micro_batches, *args):
         result = TRAINING_STEP(model, micro_batches, *args)
@@ -162,10 +169,10 @@ def steps_seen(monkeypatch, **settings):
             lrs.append(self.param_groups[0]["lr"])
             return super().step()
     monkeypatch.setattr(sft, "loss_and_backward", backward)
-    optimizer = Watched(model.parameters(), lr=cfg.lr)
-    for _, metrics in sft.run_epochs(model, optimizer, rows[:8], rows[8:], cfg, torch.device("cpu"), 4):
-        pass
-    assert [m["lr"] for m in metrics[1:]] == lrs  # each report names the rate its step used
+    optimizer = Watched(model.parameters(), lr=1e-3)
+    sft.train_model_simple(model, train_loader, val_loader, optimizer, "cpu", 1, 1, 1, "Hi", enc,
+                           on_epoch=lambda epoch, done: reports.extend(done), context_size=64, **settings)
+    assert [m["lr"] for m in reports] == lrs  # each report names the rate its step used
     return raw, seen, lrs
 
 
@@ -186,7 +193,7 @@ def test_clipping_bounds_the_gradients_norm_and_keeps_its_direction(monkeypatch)
 
 
 def test_each_update_uses_the_scheduled_rate(monkeypatch):
-    _, _, lrs = steps_seen(monkeypatch, warmup_steps=2, schedule="cosine")
+    _, _, lrs = steps_seen(monkeypatch, warmup_steps=2, cosine=True)
     assert lrs == pytest.approx([transformers_lr(k, 1e-3, 2, 4, True) for k in range(1, 5)], abs=1e-15)
     assert lrs[0] == 0 and lrs[2] == 1e-3
 
@@ -203,8 +210,8 @@ def test_a_warmup_and_cosine_run_reports_its_rates_and_norms_and_keeps_its_setti
                        "--eval-every", 1, "--warmup-steps", 3, "--schedule", "cosine", "--max-grad-norm", 1)
     assert code == 0, err
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["lr"] for m in metrics[1:]] == pytest.approx([transformers_lr(k, 1e-3, 3, 8, True) for k in range(1, 9)])
-    assert all(m["grad_norm"] > 0 for m in metrics[1:]) and "lr 0.000333, gradient norm" in err
+    assert [m["lr"] for m in metrics] == pytest.approx([transformers_lr(k, 1e-3, 3, 8, True) for k in range(1, 9)])
+    assert all(m["grad_norm"] > 0 for m in metrics)
     settings = json.loads((out / "run.json").read_text())
     assert (settings["warmup_steps"], settings["schedule"], settings["max_grad_norm"]) == (3, "cosine", 1)
 
@@ -213,7 +220,7 @@ def neftune_phases(monkeypatch, capsys, tmp_path):
     """A tiny NEFTune run: for each forward through wte, the phase it ran in and whether its output was noisy."""
     forwards = []
     phase = ["other"]
-    add, step, measure = gpt.add_neftune, sft.loss_and_backward, sft.mean_loss
+    add, step, measure = gpt.add_neftune, sft.loss_and_backward, sft.calc_loss_loader
 
     def add_and_watch(model, alpha):
         add(model, alpha)
@@ -231,7 +238,7 @@ def neftune_phases(monkeypatch, capsys, tmp_path):
         return wrapped
     monkeypatch.setattr(gpt, "add_neftune", add_and_watch)
     monkeypatch.setattr(sft, "loss_and_backward", in_phase("step", step))
-    monkeypatch.setattr(sft, "mean_loss", in_phase("validation", measure))
+    monkeypatch.setattr(sft, "calc_loss_loader", in_phase("validation", measure))
     data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
     code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 1, "--batch-size", 2,
                        "--eval-every", 1, "--neftune-alpha", 5)
@@ -246,4 +253,4 @@ def test_neftune_noise_is_on_at_every_training_step_of_a_run(monkeypatch, capsys
 
 def test_validation_is_measured_without_neftune_noise_at_every_report(monkeypatch, capsys, tmp_path):
     measured = [noisy for phase, noisy in neftune_phases(monkeypatch, capsys, tmp_path) if phase == "validation"]
-    assert len(measured) >= 6 and not any(measured)  # step 0 (train and validation rows), then a report per step
+    assert len(measured) == 5 and not any(measured)  # a report a step, then the whole set after the epoch

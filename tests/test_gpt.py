@@ -18,7 +18,7 @@ def test_fixture_checkpoint_reproduces_transformers_logits_and_greedy_ids():
         logits = model(torch.tensor(REF["input_ids"]))
     assert (logits - torch.tensor(REF["logits"])).abs().max() < 1e-4
     prompt = REF["greedy_prompt"][0]
-    assert prompt + gpt.generate(model, [prompt], 10)[0] == REF["greedy_ids"][0]
+    assert prompt + gpt.generate_batch(model, [prompt], 10)[0] == REF["greedy_ids"][0]
 
 
 @pytest.mark.parametrize("prefix,dtype", [("", torch.float32), ("transformer.", torch.float16), ("", torch.bfloat16)])
@@ -99,8 +99,8 @@ def test_ragged_batch_equals_each_prompt_alone_equals_the_plain_loop():
     model = tiny_model(seed=1)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 7, 3, 12)]
-    batched = gpt.generate(model, prompts, 15)
-    alone = [gpt.generate(model, [p], 15)[0] for p in prompts]
+    batched = gpt.generate_batch(model, prompts, 15)
+    alone = [gpt.generate_batch(model, [p], 15)[0] for p in prompts]
     plain = [greedy_without_cache(model, p, 15) for p in prompts]
     assert batched == alone == plain
     assert all(len(r) == 15 for r in batched)
@@ -109,10 +109,10 @@ def test_ragged_batch_equals_each_prompt_alone_equals_the_plain_loop():
 def test_eos_stops_a_row_and_is_not_returned():
     model = tiny_model(seed=2)
     prompts = [[5, 6, 7], [9], [100, 200, 300, 400]]
-    free = gpt.generate(model, prompts, 12)
+    free = gpt.generate_batch(model, prompts, 12)
     i = next(i for i in range(1, 12) if free[0][i] not in free[0][:i])
     eos = free[0][i]  # a token row 0 meets first at step i becomes the end-of-text
-    got = gpt.generate(model, prompts, 12, eos_id=eos)
+    got = gpt.generate_batch(model, prompts, 12, eos_id=eos)
     assert got[0] == free[0][:i]
     assert got == [greedy_without_cache(model, p, 12, eos_id=eos) for p in prompts]
     assert all(eos not in r for r in got)

@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 import judge
 import sft
-from conftest import FIXTURE, ollama, serve
+from conftest import FIXTURE, ollama, openai_server, serve
 from test_cli import run
 
 # The three sample judge replies of chapter 7 (abridged to their scoring sentences and first reasons).
@@ -277,3 +277,67 @@ def test_judge_py_is_a_leaf_that_imports_only_the_standard_library():
     code = "import sys, judge; print(sorted(m for m in sys.modules if m in ('sft', 'gpt', 'torch', 'tiktoken')))"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=FIXTURE.parents[2])
     assert p.stdout == "[]\n", p.stderr
+
+
+# ---------------------------------------------------------------- an OpenAI-compatible judge (a --url ending in /v1)
+def test_an_openai_compatible_server_is_asked_with_the_books_prompt_at_temperature_0_and_seed_123(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    url, bodies = openai_server(replies=["85", "Score: 40\n\nThe answer names 2 of 3 parts."])
+    path = responses_file(tmp_path, ["The car is as fast as a bullet.", "Fast."])
+    code, out, err = cli(capsys, path, "--url", url, "--judge", "gpt-4o-mini")
+    assert code == 0 and out == "Average score: 62.50 (2 of 2 scored)\n", err
+    assert bodies.paths == ["/v1/chat/completions"] * 2
+    prompt = judge.judge_prompt(sft.format_input(ENTRY), ENTRY["output"], "The car is as fast as a bullet.")
+    assert bodies[0] == {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}],
+                         "temperature": 0, "seed": 123, "max_tokens": 512}
+    assert not any("Authorization" in h for h in bodies.headers)  # no key set: none sent (local servers need none)
+
+
+def test_the_key_goes_as_a_bearer_header_to_v1_only_and_into_no_output_or_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789secret")
+    url, bodies = openai_server(key="sk-test-0123456789secret")
+    path = responses_file(tmp_path, ["a"])
+    code, out, err = cli(capsys, path, "--url", url, "--judge", "gpt-4o-mini")
+    assert code == 0, err
+    assert [h["Authorization"] for h in bodies.headers] == ["Bearer sk-test-0123456789secret"] * 2  # models, chat
+    written = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
+    assert "0123456789secret" not in out + err + written
+    ollama_url, ollama_bodies = ollama()
+    assert cli(capsys, responses_file(tmp_path, ["b"]), "--url", ollama_url)[0] == 0
+    assert not any("Authorization" in h for h in ollama_bodies.headers)  # Ollama's own API gets no key
+
+
+OPENAI_FAILURES = {
+    "refused key": (dict(key="sk-right"), "refused the key (HTTP 401): set OPENAI_API_KEY"),
+    "judge not listed": (dict(models=["gpt-4o", "gpt-4o-mini-2024"]), "has gpt-4o, gpt-4o-mini-2024, not gpt-4o-mini: "
+                                                                       "pick one with --judge"),
+    "rate limit": (dict(status=429, error="Rate limit reached for requests"), "answered HTTP 429: "),
+    "server error": (dict(status=503, error="The server is overloaded"), "The server is overloaded"),
+    "no content": (dict(body={"id": "x", "choices": []}), "sent a chat reply without message content"),
+    "content null": (dict(body={"choices": [{"message": {"role": "assistant", "content": None}}]}), "without message"),
+    "an error quoting the key": (dict(status=400, error="bad request for key sk-wrong-0123456789"), "[OPENAI_API_KEY]"),
+}
+
+
+@pytest.mark.parametrize("case", OPENAI_FAILURES)
+def test_an_openai_compatible_servers_failures_are_one_line_and_exit_1_without_the_key(tmp_path, capsys, monkeypatch,
+                                                                                      case):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-0123456789")
+    options, message = OPENAI_FAILURES[case]
+    url, bodies = openai_server(**options)
+    code, out, err = cli(capsys, responses_file(tmp_path, ["a"]), "--url", url, "--judge", "gpt-4o-mini")
+    assert isinstance(code, str) and code.startswith("error: ") and message in code and "\n" not in code
+    assert "0123456789" not in code + out + err and not (tmp_path / "r-scores.json").exists()
+    if case == "judge not listed":
+        assert bodies == []  # said before any question
+
+
+def test_a_rerun_on_the_other_protocol_asks_only_what_the_journal_lacks(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    path = responses_file(tmp_path, ["a", "b", "c"])
+    url, _ = ollama(replies=["50"], fail_from=3)
+    assert "HTTP 500" in cli(capsys, path, "--url", url)[0]
+    url, bodies = openai_server(replies=["80"], models=["llama3"])  # Ollama's own /v1, say
+    code, out, _ = cli(capsys, path, "--url", url)
+    assert code == 0 and len(bodies) == 1 and out == "Average score: 60.00 (3 of 3 scored)\n"

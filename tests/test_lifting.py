@@ -1,61 +1,160 @@
-"""The chapter's functions lift into the book's notebook as they are: copied alone into a namespace that holds only
-torch, tiktoken and the chapter's own constants, they compute what sft's own do, with a device given as a string."""
-import ast, inspect, json
+"""Paste-clean: each chapter function, pasted with the module-level lines that define what it names (recursively), runs
+in a namespace holding only what the book's chapter-7 script imports (plus math, which the README says a student may
+add), with a model whose forward takes the token ids alone, as the book's GPTModel, in the book's own calls."""
+import ast, builtins, dis, inspect, json, os, re, time
+from functools import partial
 
 import pytest
 import tiktoken
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
 
+import gpt
+import judge
 import sft
-from conftest import DATA, tiny_model
+from conftest import DATA
 
-LIFTED = ("format_prompt", "split", "tokenize", "collate", "loss_sum", "loss_and_backward")
-CONSTANTS = ("IGNORE", "SPLIT", "STYLES")  # EOT is gpt.EOT in sft.py: a notebook writes its value, 50256, as the book
+BOOK_SCRIPT = {"torch": torch, "nn": nn, "tiktoken": tiktoken, "json": json, "os": os, "re": re, "time": time,
+               "partial": partial, "Dataset": Dataset, "DataLoader": DataLoader}
+STUDENT_MAY_ADD = {"math": __import__("math")}
+PASTED = ("format_input", "InstructionDataset", "collate", "calc_loss_batch", "calc_loss_loader", "train_model_simple",
+          "generate", "respond", "judge_prompt")
 
 
-def lift():
-    """The source of the chapter's constants and functions, run in a namespace of torch, F and tiktoken alone."""
-    source = open(sft.__file__).read()
-    tree = ast.parse(source)
-    namespace = {"torch": torch, "F": F, "tiktoken": tiktoken, "EOT": 50256}
-    for node in tree.body:
-        assigned = isinstance(node, ast.Assign) and node.targets[0].id in CONSTANTS
-        defined = isinstance(node, ast.FunctionDef) and node.name in LIFTED
-        if assigned or defined:
-            exec(ast.get_source_segment(source, node), namespace)
+def chapter_definitions(module) -> dict:
+    """{name: source} of every module-level def, class and assignment above the file's divider line."""
+    source = open(module.__file__).read()
+    chapter = source[:source.index("# ================ the tool")]
+    definitions = {}
+    for node in ast.parse(chapter).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            definitions[node.name] = ast.get_source_segment(chapter, node, padded=True)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                definitions[target.id] = ast.get_source_segment(chapter, node)
+    return definitions
+
+
+DEFINITIONS = {**chapter_definitions(judge), **chapter_definitions(gpt), **chapter_definitions(sft)}
+
+
+def paste(names) -> dict:
+    """What a student pastes for names: their text and, recursively, the chapter lines defining the names it uses."""
+    wanted = []
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in wanted or name not in DEFINITIONS:
+            continue
+        wanted.append(name)
+        todo += [n.id for n in ast.walk(ast.parse(DEFINITIONS[name])) if isinstance(n, ast.Name)]
+    namespace = {**BOOK_SCRIPT, **STUDENT_MAY_ADD}
+    order = list(DEFINITIONS)
+    for name in sorted(wanted, key=order.index):  # in the files' order: constants before the functions using them
+        exec(DEFINITIONS[name], namespace)
     return namespace
 
 
-def test_the_chapters_functions_name_only_torch_tiktoken_and_the_chapters_own_constants_and_functions():
-    allowed = {"torch", "F", "tiktoken", "EOT", *CONSTANTS, *LIFTED}
-    for name in LIFTED:
-        named = inspect.getclosurevars(getattr(sft, name)).globals
-        assert set(named) <= allowed, (name, set(named) - allowed)
+def globals_named(code) -> set:
+    """The global names a function's code (and the code nested in it) loads."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"}
+    for constant in code.co_consts:
+        if inspect.iscode(constant):
+            names |= globals_named(constant)
+    return names
 
 
-def test_lifted_prompts_split_and_tokens_are_the_modules_own():
-    lifted = lift()
-    entries = json.loads(DATA.read_text())
-    for style in sft.STYLES:
-        assert [lifted["format_prompt"](e, style) for e in entries] == [sft.format_prompt(e, style) for e in entries]
-    assert lifted["split"](entries) == sft.split(entries)
-    enc = sft.tokenizer()
-    assert lifted["tokenize"](entries, enc, "phi3") == sft.tokenize(entries, enc, "phi3")
+def test_every_name_a_pasted_function_uses_is_the_book_scripts_or_pasted_with_it():
+    for name in PASTED:
+        namespace = paste([name])
+        functions = [namespace[name]]
+        if inspect.isclass(namespace[name]):
+            functions = [f for f in vars(namespace[name]).values() if inspect.isfunction(f)]
+        for function in functions:
+            missing = globals_named(function.__code__) - set(namespace) - set(dir(builtins))
+            assert not missing, (name, missing)
 
 
-@pytest.mark.parametrize("options", [{}, {"max_length": 40, "mask_prompt": True}])
-def test_lifted_collate_loss_and_gradients_are_the_modules_own_with_a_string_device(options):
-    lifted = lift()
-    rows = sft.tokenize(json.loads(DATA.read_text())[:5], sft.tokenizer())
-    inputs, targets = lifted["collate"](rows, **options)
-    expected = sft.collate(rows, **options)
-    assert torch.equal(inputs, expected[0]) and torch.equal(targets, expected[1])
-    micro_batches = [(inputs[:3], targets[:3]), (inputs[3:], targets[3:])]
-    model = tiny_model(seed=3, vocab=50257, n_positions=512)
-    loss, count = lifted["loss_and_backward"](model, micro_batches, "cpu")  # "cpu": as the book's code passes it
-    lifted_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    assert (loss, count) == sft.loss_and_backward(model, micro_batches, torch.device("cpu"))
-    assert all(torch.equal(a, p.grad) for a, p in zip(lifted_grads, model.parameters()))
-    assert lifted["loss_sum"](model, inputs, targets, "cpu") == sft.loss_sum(model, inputs, targets, "cpu")
+class BookLike(nn.Module):
+    """The project's GPT behind a forward that takes the token ids alone, as the book's GPTModel's does."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, in_idx):
+        return self.model(in_idx)
+
+
+def small_gpt(seed=0):
+    torch.manual_seed(seed)
+    return gpt.GPT(gpt.GPTConfig(n_positions=1024, n_embd=32, n_layer=2, n_head=4))
+
+
+def test_pasted_the_data_functions_take_the_books_calls_and_give_the_modules_results():
+    data = json.loads(DATA.read_text())
+    tokenizer = sft.tokenizer()
+    lifted = paste(["format_input", "InstructionDataset", "collate"])
+    assert [lifted["format_input"](e) for e in data] == [sft.format_input(e) for e in data]
+    dataset = lifted["InstructionDataset"](data[:40], tokenizer)
+    assert list(dataset) == list(sft.InstructionDataset(data[:40], tokenizer))
+    collate_fn = partial(lifted["collate"], device="cpu", allowed_max_length=1024)  # the book's call
+    loader = DataLoader(dataset, batch_size=8, collate_fn=collate_fn, shuffle=False, drop_last=False, num_workers=0)
+    ours = DataLoader(sft.InstructionDataset(data[:40], tokenizer), batch_size=8, collate_fn=sft.collate)
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(loader, ours))
+
+
+def test_pasted_the_loss_and_the_loop_train_the_books_kind_of_model_as_the_module_does():
+    data = json.loads(DATA.read_text())[:60]
+    tokenizer = sft.tokenizer()
+    train_data, val_data, _ = sft.split(data)
+    results = []
+    for functions in (paste(["InstructionDataset", "collate", "train_model_simple", "calc_loss_loader", "format_input"]),
+                      vars(sft)):
+        model = BookLike(small_gpt(seed=1))
+        collate_fn = partial(functions["collate"], device="cpu", allowed_max_length=1024)
+        torch.manual_seed(123)
+        train_loader = DataLoader(functions["InstructionDataset"](train_data, tokenizer), batch_size=8,
+                                  collate_fn=collate_fn, shuffle=True, drop_last=True, num_workers=0)
+        val_loader = DataLoader(functions["InstructionDataset"](val_data, tokenizer), batch_size=8,
+                                collate_fn=collate_fn, shuffle=False, drop_last=False, num_workers=0)
+        initial = functions["calc_loss_loader"](val_loader, model, "cpu", num_batches=5)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        torch.manual_seed(123)
+        curves = functions["train_model_simple"](model, train_loader, val_loader, optimizer, "cpu", num_epochs=1,
+                                                 eval_freq=2, eval_iter=5,
+                                                 start_context=functions["format_input"](val_data[0]),
+                                                 tokenizer=tokenizer)
+        results.append((initial, curves, model.model.wte.weight.detach().clone()))
+    (initial, (train_losses, val_losses, tokens_seen), weights), module = results
+    assert len(train_losses) == len(val_losses) == len(tokens_seen) == 3  # steps 0, 2, 4 of 6 (51 rows // 8)
+    assert tokens_seen == sorted(tokens_seen) and val_losses[-1] < initial  # it trained
+    assert (initial, (train_losses, val_losses, tokens_seen)) == module[:2] and torch.equal(weights, module[2])
+
+
+def test_pasted_generate_and_the_answer_loop_answer_as_the_fast_batched_path_does():
+    model = small_gpt(seed=2).eval()
+    tokenizer = sft.tokenizer()
+    lifted = paste(["generate", "respond", "judge_prompt", "format_input"])
+    prompts = [[464, 3290, 318], [15496, 995], [40, 1101, 257, 1310, 286, 2068, 290]]
+    for prompt in prompts:
+        ids = lifted["generate"](BookLike(model), torch.tensor([prompt]), 12, context_size=1024, eos_id=50256)
+        assert ids[0, len(prompt):].tolist() == gpt.generate_batch(model, [prompt], 12, eos_id=50256)[0]
+    entries = json.loads(DATA.read_text())[935:938]
+    answers = lifted["respond"](BookLike(model), entries, tokenizer, "cpu", max_new_tokens=10)
+    assert answers == sft.answer(model, entries, tokenizer, max_new_tokens=10)
+    prompt = lifted["judge_prompt"](lifted["format_input"](entries[0]), entries[0]["output"], answers[0])
+    assert prompt == judge.judge_prompt(sft.format_input(entries[0]), entries[0]["output"], answers[0])
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.8, 40), (1.5, None), (1.0, 1)])
+def test_sampling_with_a_seed_gives_the_same_tokens_in_the_books_generate_and_the_fast_path(temperature, top_k):
+    model = small_gpt(seed=3).eval()
+    prompt = [464, 3290, 318, 257]
+    torch.manual_seed(7)
+    book = gpt.generate(model, torch.tensor([prompt]), 15, 1024, temperature, top_k)[0, len(prompt):].tolist()
+    torch.manual_seed(7)
+    fast = gpt.generate_batch(model, [prompt], 15, temperature, top_k)[0]
+    assert book == fast
+    greedy = gpt.generate_batch(model, [prompt], 15)[0]
+    assert (fast == greedy) == (top_k == 1)  # top-1 sampling is greedy; the others wander off it

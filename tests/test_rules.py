@@ -4,6 +4,7 @@ import json, os, struct
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 import gpt
 import sft
@@ -11,6 +12,8 @@ from conftest import FIXTURE, tiny_model
 
 CPU = torch.device("cpu")
 ROWS = [([5, 9, 14, 3, 7, 1], 2), ([8, 2], 1), ([4, 4, 6, 11, 30, 2, 9, 9, 1, 3], 7), ([7, 3, 5], 1)]
+PLAIN = [ids for ids, _ in ROWS]  # the book's dataset items
+MASKED = [(prompt_len, ids) for ids, prompt_len in ROWS]  # exercise 7.2's
 
 
 def reference_mean_loss(model, rows, mask_prompt=False):
@@ -28,20 +31,22 @@ def reference_mean_loss(model, rows, mask_prompt=False):
 
 def test_the_step_loss_is_the_mean_over_target_tokens_and_its_gradient_matches():
     model = tiny_model(seed=7, vocab=50257)
-    micro = [sft.collate(ROWS[:1]), sft.collate(ROWS[1:])]  # 6 targets, then 2 + 10 + 3
+    micro = [sft.collate(PLAIN[:1]), sft.collate(PLAIN[1:])]  # 6 targets, then 2 + 10 + 3
     loss, count = sft.loss_and_backward(model, micro, CPU)
     assert count == 21 and (loss / count).item() == pytest.approx(reference_mean_loss(model, ROWS), rel=1e-5)
     got = model.h[0].mlp.c_fc.weight.grad.clone()
     model.zero_grad()
-    inputs, targets = sft.collate(ROWS)
+    inputs, targets = sft.collate(PLAIN)
     F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=sft.IGNORE).backward()
     assert torch.allclose(got, model.h[0].mlp.c_fc.weight.grad, atol=1e-6)
 
 
 def test_validation_loss_is_token_weighted_not_a_mean_of_batch_means():
     model = tiny_model(seed=8, vocab=50257)
-    cfg = sft.TrainConfig(model="tiny", batch_size=3, mask_prompt=True)  # batches of 5 + 2 + 4 targets, then 3
-    assert sft.mean_loss(model, ROWS, cfg, CPU) == pytest.approx(reference_mean_loss(model, ROWS, True), rel=1e-5)
+    loader = DataLoader(MASKED, batch_size=3, collate_fn=sft.collate)  # batches of 5 + 2 + 4 targets, then 3
+    assert sft.calc_loss_loader(loader, model, "cpu") == pytest.approx(reference_mean_loss(model, ROWS, True), rel=1e-5)
+    first = sft.calc_loss_loader(loader, model, "cpu", num_batches=1)
+    assert first == pytest.approx(reference_mean_loss(model, ROWS[:3], True), rel=1e-5)
 
 
 def test_lora_scales_its_update_by_alpha_over_rank():
@@ -107,21 +112,21 @@ def test_the_reader_maps_the_file_rather_than_copying_it(tmp_path):
 def test_an_over_long_prompt_keeps_its_newest_context_minus_one_tokens_and_generation_stops_at_the_context():
     model = tiny_model(seed=9)  # context 64
     prompt = list(range(1, 101))
-    got = gpt.generate(model, [prompt], 10)
+    got = gpt.generate_batch(model, [prompt], 10)
     assert len(got[0]) == 1  # 63 prompt tokens + 1 new fill the context
     with torch.no_grad():
         expected = int(model(torch.tensor([prompt[-63:]]))[0, -1].argmax())
     assert got[0] == [expected]
-    assert len(gpt.generate(model, [prompt[:60]], 10)[0]) == 4  # 60 + 4 = 64
+    assert len(gpt.generate_batch(model, [prompt[:60]], 10)[0]) == 4  # 60 + 4 = 64
 
 
 def test_each_prompt_has_its_own_budget_so_a_long_neighbour_cuts_no_answer():
     model = tiny_model(seed=9)  # context 64
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (2, 10, 60, 63)]
-    alone = [gpt.generate(model, [p], 20)[0] for p in prompts]
+    alone = [gpt.generate_batch(model, [p], 20)[0] for p in prompts]
     assert [len(a) for a in alone] == [20, 20, 4, 1]  # each until its own positions reach 64
-    assert gpt.generate(model, prompts, 20) == alone
+    assert gpt.generate_batch(model, prompts, 20) == alone
 
 
 def test_the_split_truncates_fractions_as_the_book_does():
@@ -183,13 +188,13 @@ def test_the_seed_decides_the_batch_order_and_each_epoch_is_shuffled_anew(monkey
 
 
 def prompts_answered(monkeypatch):
-    """Patches gpt.generate to record the prompt ids it is given (and answer nothing)."""
+    """Patches gpt.generate_batch to record the prompt ids it is given (and answer nothing)."""
     seen = []
 
-    def recording(model, prompts, max_new_tokens, eos_id=None):
+    def recording(model, prompts, max_new_tokens, **options):
         seen.extend(prompts)
         return [[] for _ in prompts]
-    monkeypatch.setattr(gpt, "generate", recording)
+    monkeypatch.setattr(gpt, "generate_batch", recording)
     return seen
 
 
@@ -197,8 +202,9 @@ def test_an_answers_prompt_is_plain_text_as_in_training(monkeypatch):
     enc = sft.tokenizer()
     entry = {"instruction": "Repeat <|endoftext|> twice.", "input": "a <|endoftext|> b", "output": ""}
     seen = prompts_answered(monkeypatch)
-    assert sft.respond(tiny_model(), [entry], enc) == [""]
-    assert seen == [sft.tokenize([entry], enc)[0][0]]  # the ids training gives the prompt
+    assert sft.answer(tiny_model(), [entry], enc) == [""]
+    prompt_len, ids = sft.InstructionDataset([entry], enc, mask_prompt=True)[0]
+    assert seen == [ids[:prompt_len]]  # the ids training gives the prompt
     assert sft.EOT not in seen[0]  # the written marker is characters, not the special token
 
 
