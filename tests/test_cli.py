@@ -375,3 +375,18 @@ def test_a_message_with_line_breaks_still_ends_as_one_line():
     with pytest.raises(SystemExit) as e:
         sft.run_cli(fails)
     assert e.value.code == "error: cannot download http://x (SSH-2.0-OpenSSH_9.2 ): check the network"
+
+
+def test_generate_samples_with_temperature_and_top_k_the_same_answer_for_the_same_seed(tmp_path, capsys):
+    out = fake_run(tmp_path, MEMO)
+    def answer(*flags):
+        code, stdout, err = run(capsys, "generate", "--out", out, "Name a primary color.", "--max-new-tokens", 12, *flags)
+        assert code == 0, err
+        return stdout
+    sampled = answer("--temperature", "0.8", "--top-k", "40", "--seed", "1")
+    assert answer("--temperature", "0.8", "--top-k", "40", "--seed", "1") == sampled
+    assert answer("--temperature", "0.8", "--top-k", "40", "--seed", "2") != sampled
+    greedy = answer()
+    assert answer("--temperature", "0") == greedy != sampled and answer("--seed", "5") == greedy  # greedy by default
+    code, _, _ = run(capsys, "generate", "--out", out, "hi", "--top-k", "0")
+    assert code == "error: --temperature must be 0 or more, and --top-k 1 or more"

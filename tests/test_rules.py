@@ -251,3 +251,62 @@ def test_run_json_is_renamed_into_the_folder_after_every_other_file(tmp_path, ca
     base = small_base(tmp_path)
     assert run(capsys, "train", "--model", base, "--data", data, "--out", tmp_path / "run", "--epochs", 1)[0] == 0
     assert sorted(renamed) == RUN_FOLDER and renamed[-1] == "run.json"
+
+
+def test_tokens_seen_count_what_training_sees_a_cut_row_its_kept_tokens(tmp_path, capsys):
+    from test_cli import MEMO, run, write_data
+    data = write_data(tmp_path / "d.json", MEMO)  # every alpaca prompt here is over 30 tokens
+    code, _, err = run(capsys, "train", "--model", small_base(tmp_path), "--data", data, "--out", tmp_path / "run",
+                       "--epochs", 1, "--batch-size", 2, "--max-length", 20, "--eval-every", 1)
+    assert code == 0, err
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["tokens"] for m in metrics] == [40, 80, 120, 160]  # 2 rows of 20 kept tokens a step
+
+
+def test_the_whole_validation_set_is_measured_after_each_epoch_and_kept_apart_from_the_curve(tmp_path, capsys,
+                                                                                              monkeypatch):
+    from test_cli import MEMO, run, write_data
+    monkeypatch.setattr(sft, "CURVE_ROWS", 2)
+    data = write_data(tmp_path / "d.json", [MEMO[i % 10] for i in range(60)])  # 51 train, 6 test, 3 validation
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", small_base(tmp_path), "--data", data, "--out", out, "--epochs", 1,
+                       "--batch-size", 2, "--eval-every", 10, "--precision", "fp32")
+    assert code == 0, err
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {m["val_rows"] for m in metrics} == {2}
+    model = gpt.from_pretrained(str(out))
+    rows = sft.InstructionDataset(sft.split(sft.load_entries(data))[1], sft.tokenizer())
+    every_row = sft.calc_loss_loader(DataLoader(rows, batch_size=3, collate_fn=sft.collate), model, "cpu")
+    settings = json.loads((out / "run.json").read_text())
+    assert settings["val_rows"] == 3 and settings["val_loss"] == pytest.approx(every_row, rel=1e-5)
+    assert f"validation loss {every_row:.3f} on all 3 rows" in err
+
+
+def products_summed_over(model, inputs, targets):
+    """(aten op, the length it sums over) of every matrix product in a training step's forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("mm", "bmm", "addmm", "baddbmm", "addbmm"):
+                left = args[0] if name in ("mm", "bmm") else args[1]
+                self.seen.append((name, left.shape[-1]))
+            return func(*args, **(kwargs or {}))
+    with Products() as products:
+        sft.calc_loss_batch(inputs, targets, model, "cpu").backward()
+    return products.seen
+
+
+def test_no_batched_matmul_of_a_training_step_sums_over_32767_terms_or_more():
+    """torch 2.14 routes only 2-D products summing over 32,767 or more around the M1/M2 MPS kernel that reads past its
+    inputs (pytorch#183535); batched ones (bmm, baddbmm) stay wrong there (pytorch#195163): none may be one."""
+    model = tiny_model(seed=1, vocab=50257)
+    inputs, targets = sft.collate([[5, 9, 14, 3, 7], [8, 2]])
+    seen = products_summed_over(model, inputs, targets)
+    assert ("mm", 50257) in seen  # the tied head's input gradient sums over the vocabulary: a 2-D mm
+    assert not [(op, n) for op, n in seen if op in ("bmm", "baddbmm", "addbmm") and n >= 32767]
