@@ -110,10 +110,6 @@ STATED = re.compile(r"\b(?:score|scored|rate|rated|rating|give)\b[^\d.!?\n-]{0,3
                     re.IGNORECASE)
 PER_100 = re.compile(NUMBER + r"\s*(?:/|out of)\s*100\b", re.IGNORECASE)  # "85/100", "85 out of 100"
 
-def percent(number: str, out_of) -> float:
-    scale = int(out_of or 100)  # no scale given: the prompt's 0 to 100
-    return float(number) * 100 / scale if scale else -1.0  # "out of 0": no score
-
 def parse_score(reply: str):
     """The 0-100 score a judge's reply states, else None. Stated: a first line that is a number
     ("85", "**85**.", "8/10" as 80), a number after score, rate, rating or give ("rate it 7 out
@@ -124,7 +120,8 @@ def parse_score(reply: str):
     bare = BARE.match(reply)
     if bare:
         stated.append(bare.groups())
-    scores = {percent(number, out_of) for number, out_of in stated}
+    # on the prompt's 0 to 100 unless stated ("7 out of 10"); "out of 0" is no score (-1)
+    scores = {float(n) * 100 / int(d or 100) if d != "0" else -1.0 for n, d in stated}
     if len(scores) != 1:  # none, or a doubt
         return None
     score = scores.pop()

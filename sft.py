@@ -44,21 +44,19 @@ class InstructionDataset(Dataset):
     """The book's dataset: each entry's ids, the prompt and the output encoded apart (a written
     <|endoftext|> stays text). mask_prompt: items are (prompt_len, ids), exercise 7.2's form."""
     def __init__(self, data, tokenizer, style="alpaca", mask_prompt=False):
-        self.mask_prompt = mask_prompt
-        self.prompt_lengths = []
         self.encoded_texts = []
+        self.items = []
         for entry in data:
             prompt = tokenizer.encode_ordinary(format_input(entry, style) + RESPONSE[style])
-            self.prompt_lengths.append(len(prompt))
-            self.encoded_texts.append(prompt + tokenizer.encode_ordinary(entry["output"]))
+            ids = prompt + tokenizer.encode_ordinary(entry["output"])
+            self.encoded_texts.append(ids)
+            self.items.append((len(prompt), ids) if mask_prompt else ids)
 
     def __getitem__(self, index):
-        if self.mask_prompt:
-            return self.prompt_lengths[index], self.encoded_texts[index]
-        return self.encoded_texts[index]
+        return self.items[index]
 
     def __len__(self):
-        return len(self.encoded_texts)
+        return len(self.items)
 
 def collate(batch, pad_token_id=EOT, ignore_index=IGNORE, allowed_max_length=None, device="cpu"):
     """The book's custom_collate_fn: id lists, or (prompt_len, ids) whose prompt is masked ->
@@ -140,11 +138,9 @@ def steps_of(loader, grad_accum: int):
 def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq,
                        eval_iter, start_context, tokenizer, warmup_steps=0, cosine=False,
                        max_grad_norm=None, grad_accum=1, on_epoch=None, context_size=1024):
-    """The book's loop, returning (train_losses, val_losses, tokens_seen) at every eval_freq-th
-    step. Each train loss is the mean over the steps since the last report, each validation loss
-    the first eval_iter batches of val_loader. Off by default, beyond the book: warmup, cosine
-    decay, clipping, accumulation; on_epoch(epoch, reports) after each epoch (the tool saves);
-    context_size: the model's, for the sample answer after each epoch (GPT-2's is 1024)."""
+    """The book's loop: (train_losses, val_losses, tokens_seen) at every eval_freq-th step, the
+    train loss the steps' own since the last report. Beyond the book, off by default: appendix
+    D's warmup, cosine and clipping, accumulation, on_epoch(epoch, reports) (the tool saves)."""
     peak_lr = optimizer.param_groups[0]["lr"]
     steps = num_epochs * (len(train_loader) // grad_accum) if cosine else 0
     reports = []  # one dict per report: the curves' points, and what the tool logs
@@ -332,11 +328,10 @@ def prepare_data(cfg, model, enc):
     cfg.max_length = min(cfg.max_length, model.config.n_positions)  # where the position table ends
     train_set = InstructionDataset(train_e, enc, cfg.style, cfg.mask_prompt)
     val_set = InstructionDataset(val_e, enc, cfg.style, cfg.mask_prompt)
-    texts = train_set.encoded_texts + val_set.encoded_texts
-    cut = sum(len(ids) > cfg.max_length for ids in texts)
+    cut = sum(len(ids) > cfg.max_length for ids in train_set.encoded_texts + val_set.encoded_texts)
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
         f"{cut} cut to --max-length {cfg.max_length}")
-    for name, items in (("training", list(train_set)), ("validation", list(val_set))):
+    for name, items in (("training", train_set.items), ("validation", val_set.items)):
         masked = sum(not has_target(item, cfg.max_length) for item in items)
         if masked:
             log(f"{masked} of {len(items)} {name} rows keep no target (--max-length cuts their response)")
@@ -613,8 +608,8 @@ def main(argv=None):
     ju.add_argument("file", help="a JSON list of entries with the response under --key")
     ju.add_argument("--key", default="model_response", help="the field holding the response")
     for p in (ev, ju):
-        p.add_argument("--judge", default=judge.JUDGE, help="the Ollama model that scores (llama3)")
-        p.add_argument("--url", help="the Ollama server (default $OLLAMA_HOST or localhost:11434)")
+        p.add_argument("--judge", default=judge.JUDGE, help="the model that scores (default llama3)")
+        p.add_argument("--url", help="Ollama ($OLLAMA_HOST, localhost:11434), or an OpenAI-like .../v1")
         p.add_argument("--timeout", type=float, default=judge.TIMEOUT, help="seconds for one reply")
     ge = sub.add_parser("generate", help="answer instructions with a trained run, on stdout")
     ge.add_argument("instruction", nargs="?", help="the instruction (none: one per line of stdin)")
