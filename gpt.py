@@ -1,4 +1,4 @@
-"""GPT-2: the model, generation, LoRA and NEFTune first; fast generation and checkpoints below the divider."""
+"""GPT-2: the model, generation, LoRA, NEFTune; below the divider fast generation, checkpoints."""
 import ctypes, http.client, json, math, os, pathlib, re, sys, urllib.error, urllib.request, warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
@@ -71,7 +71,7 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, idx, pos=None, mask=None, cache=None, start=0, last_only=False):
-        """idx (B, T) token ids -> logits (B, T, vocab); pos, mask, cache, start: generate_batch()'s."""
+        """idx (B, T) token ids -> logits (B, T, vocab); the other arguments: generate_batch()'s."""
         if pos is None:
             pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
@@ -96,8 +96,8 @@ def next_token(logits, temperature=0.0, top_k=None):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
-    """The book's generate: idx (B, T) -> (B, T + new), one whole forward per new token (see
-    generate_batch for the fast one); stops before appending eos_id."""
+    """The book's generate: idx (B, T) -> (B, T + new), a whole forward per new token (the fast
+    one is generate_batch); stops when every row's next token is eos_id, as the book for one row."""
     for _ in range(max_new_tokens):
         logits = model(idx[:, -context_size:])[:, -1]  # (B, vocab): the last position's
         token = next_token(logits, temperature, top_k)
@@ -313,10 +313,10 @@ def download(url: str, dest: str, check, hint: str):
     with response:
         _atomic_write(dest, lambda f: _copy_body(response, f, url), check_download)
 
-# transformers' GPT-2 options this model implements only one way: a checkpoint set otherwise is refused
-GPT2_ONLY = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "tie_word_embeddings": (True,),
-             "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
-             "reorder_and_upcast_attn": (False,)}
+# GPT-2 options of transformers that this model has one way: a checkpoint set otherwise is refused
+GPT2_ONLY = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+             "tie_word_embeddings": (True,), "scale_attn_weights": (True,),
+             "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,)}
 
 def read_config(path) -> GPTConfig:
     """A checkpoint's config.json -> GPTConfig (the keys GPT-2 does not use are ignored)."""
@@ -344,7 +344,7 @@ def _load_folder(folder: str) -> GPT:
         state[k] = v.float()  # F16 and BF16 load as F32; F32 stays memory-mapped
     head = state.pop("lm_head.weight", None)  # the head is tied: a copy of wte adds nothing
     if head is not None and not torch.equal(head, state.get("wte.weight")):
-        raise ValueError(f"{path}: lm_head.weight differs from wte.weight, and this GPT-2 ties them")
+        raise ValueError(f"{path}: lm_head.weight differs from wte.weight; this GPT-2 ties them")
     with torch.device("meta"):
         model = GPT(config)  # no memory yet: the file's tensors are assigned below
     model.load_state_dict(state, assign=True)  # names every missing, extra or misshapen tensor

@@ -80,7 +80,7 @@ def call(url: str, path: str, body, timeout: float):
             raise ValueError(f"{who(url)} sent no reply within {timeout:g}s; {advice}") from None
         start = "start it, or point --url at it"
         if not is_openai(url):
-            start = "start it (`ollama serve`, https://ollama.com), or point OLLAMA_HOST or --url at it"
+            start = "start it (`ollama serve`, https://ollama.com), or point OLLAMA_HOST or --url there"
         raise ValueError(f"cannot reach {who(url)} ({e.reason}): {start}") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # a reset, a cut, not JSON
         raise ValueError(f"{who(url)} sent a broken reply ({type(e).__name__})") from None
@@ -106,9 +106,9 @@ NUMBER = r"(\d+(?:\.\d+)?)(?!\w|\s*(?:to|-|–)\s*\d)"  # 85, 8.5; not 1e3, nor 
 OUT_OF = r"(?:\s*(?:/|out of)\s*(\d+))?"  # "/10", " out of 100": the scale the number is on
 BARE = re.compile(r"[\s*_]*" + NUMBER + OUT_OF + r"[\s*_.%]*(?:\n|$)", re.IGNORECASE)  # "**85**."
 # after one of these words, within a clause: "Score: 85", "score of 85", "I would score it 40"
-STATED = re.compile(r"\b(?:score|scored|rate|rated|rating|give)\b[^\d.!?\n-]{0,30}?" + NUMBER + OUT_OF,
-                    re.IGNORECASE)
-PER_100 = re.compile(NUMBER + r"\s*(?:/|out of)\s*100\b", re.IGNORECASE)  # "85/100", "85 out of 100"
+WORD = r"\b(?:score|scored|rate|rated|rating|give)\b[^\d.!?\n-]{0,30}?"  # then, in its clause, N
+STATED = re.compile(WORD + NUMBER + OUT_OF, re.IGNORECASE)
+PER_100 = re.compile(NUMBER + r"\s*(?:/|out of)\s*100\b", re.IGNORECASE)  # "85/100"
 
 def parse_score(reply: str):
     """The 0-100 score a judge's reply states, else None. Stated: a first line that is a number
@@ -140,7 +140,7 @@ def score_all(prompts: list, journal: str, model=JUDGE, url=None, timeout=TIMEOU
         for line in lines.splitlines():
             try:  # a line cut short by a kill is asked again
                 record = json.loads(line)
-                known[record["key"]] = parse_score(record["reply"])  # re-read: the parser may be newer
+                known[record["key"]] = parse_score(record["reply"])  # re-read by this parser
             except (ValueError, TypeError, KeyError):
                 pass
         if lines and not lines.endswith("\n"):  # a kill mid-line: the next record starts anew

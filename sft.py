@@ -64,7 +64,8 @@ def collate(batch, pad_token_id=EOT, ignore_index=IGNORE, allowed_max_length=Non
     rows [0..4], [5, 6], [7, 8, 9] with E = 50256 and _ = -100, gives
     inputs  [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]] and
     targets [[1, 2, 3, 4, E], [6, E, _, _, _], [8, 9, E, _, _]]. Masks go by position, not value."""
-    rows = [item if isinstance(item, tuple) else (0, item) for item in batch]  # (prompt_len, ids)
+    # (prompt_len, ids): an id list has prompt_len 0, nothing to mask
+    rows = [item if isinstance(item, tuple) else (0, item) for item in batch]
     T = max(len(ids) for _, ids in rows)
     inputs = torch.full((len(rows), T), pad_token_id)
     # all -100 at first: the book's "every padding token but the first becomes -100" is done by
@@ -105,8 +106,9 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
     return total / count if count else float("nan")
 
 def loss_and_backward(model, micro_batches, device) -> tuple:
-    """Gradients of the mean loss over the targets of all micro-batches, as one batch of all
-    their rows (exercise 7.3's accumulation). Returns (the summed loss, the target count)."""
+    """Gradients of the mean loss over the targets of all micro-batches, as one batch of all their
+    rows (gradient accumulation: big batches in small memory, for exercise 7.3's 52k set).
+    Returns (the summed loss, a tensor or 0.0, and the target count)."""
     counts = [int((targets != IGNORE).sum()) for _, targets in micro_batches]
     summed = 0.0
     for (inputs, targets), n in zip(micro_batches, counts):
@@ -142,7 +144,7 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
     train loss the steps' own since the last report. Beyond the book, off by default: appendix
     D's warmup, cosine and clipping, accumulation, on_epoch(epoch, reports) (the tool saves)."""
     peak_lr = optimizer.param_groups[0]["lr"]
-    steps = num_epochs * (len(train_loader) // grad_accum) if cosine else 0
+    total_steps = num_epochs * (len(train_loader) // grad_accum) if cosine else 0
     reports = []  # one dict per report: the curves' points, and what the tool logs
     window = []  # (summed loss, target count) of each step since the last report
     tokens_seen = 0
@@ -152,7 +154,7 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
         model.train()  # this GPT-2 has no dropout: train mode only turns NEFTune's noise on
         for micro_batches in steps_of(train_loader, grad_accum):
             window.append(loss_and_backward(model, micro_batches, device))
-            lr = peak_lr * lr_factor(step, steps, warmup_steps, cosine)
+            lr = peak_lr * lr_factor(step, total_steps, warmup_steps, cosine)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # the global norm before clipping (with max_norm inf: measured, the gradients untouched)
@@ -167,14 +169,14 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
                 val_loss = calc_loss_loader(val_loader, model, device, eval_iter)
                 model.train()
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-                    raise ValueError(f"training diverged (loss {train_loss}): lower the learning rate")
+                    raise ValueError(f"training diverged (loss {train_loss}): lower the rate")
                 reports.append(dict(step=step, epoch=epoch, lr=lr, grad_norm=norm.item(),
                                     tokens=tokens_seen, train_loss=train_loss, val_loss=val_loss,
                                     seconds=round(time.time() - started, 2)))
                 print(f"Ep {epoch} (Step {step:06d}): Train loss {train_loss:.3f}, "
                       f"Val loss {val_loss:.3f}")
             step += 1
-        model.eval()  # the book's generate_and_print_sample: 50 tokens after the prompt
+        model.eval()  # the book's generate_and_print_sample: 50 tokens, here up to end-of-text
         prompt = torch.tensor([tokenizer.encode_ordinary(start_context)], device=device)
         ids = generate(model, prompt, 50, context_size, eos_id=EOT)
         print(tokenizer.decode(ids[0].tolist()).replace("\n", " "))
@@ -187,7 +189,8 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
 # ---------------- answers (7.7)
 def respond(model, entries, tokenizer, device, style="alpaca", max_new_tokens=256,
             context_size=1024) -> list:
-    """The book's loop over test_data: each entry's greedy answer (its new tokens, as text)."""
+    """The book's loop over test_data (call model.eval() first): each entry's greedy answer, from
+    the prompt with its marker, as the new tokens (the book cuts text). eval uses answer()."""
     answers = []
     for entry in entries:
         prompt = tokenizer.encode_ordinary(format_input(entry, style) + RESPONSE[style])
@@ -334,10 +337,10 @@ def prepare_data(cfg, model, enc):
     for name, items in (("training", train_set.items), ("validation", val_set.items)):
         masked = sum(not has_target(item, cfg.max_length) for item in items)
         if masked:
-            log(f"{masked} of {len(items)} {name} rows keep no target (--max-length cuts their response)")
+            log(f"{masked} of {len(items)} {name} rows keep no target (cut before their response)")
         if masked == len(items):  # a loss over no token: nothing to learn, nothing to measure
-            raise ValueError(f"no {name} row keeps a target after --max-length {cfg.max_length} "
-                             "with --mask-prompt: raise --max-length, or train without --mask-prompt")
+            raise ValueError(f"no {name} row keeps a target after --max-length {cfg.max_length} with "
+                             "--mask-prompt: raise --max-length, or train without --mask-prompt")
     if len(train_set) < cfg.batch_size * cfg.grad_accum:
         raise ValueError(f"--batch-size x --grad-accum is over the {len(train_set)} training rows")
     return train_set, val_set, val_e
@@ -427,7 +430,8 @@ def save_run(model, cfg, metrics: list, steps_per_epoch: int, done: dict):
         metrics_lines = "".join(json.dumps(m) + "\n" for m in metrics)
         gpt.write_text(os.path.join(staging, "metrics.jsonl"), metrics_lines)
         gpt.write_text(os.path.join(staging, "loss.svg"), loss_svg(metrics, steps_per_epoch))
-        gpt.write_text(os.path.join(staging, "run.json"), json.dumps({**asdict(cfg), **done}, indent=2))
+        settings = json.dumps({**asdict(cfg), **done}, indent=2)
+        gpt.write_text(os.path.join(staging, "run.json"), settings)
         for name in RUN_FILES:
             os.replace(os.path.join(staging, name), os.path.join(cfg.out, name))
     finally:
@@ -488,7 +492,8 @@ def train(cfg: TrainConfig):
                                max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum,
                                on_epoch=save, context_size=model.config.n_positions)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{cfg.out} holds epoch {len(saved)}" if saved else before) from None
+        kept = f"{cfg.out} holds epoch {len(saved)}" if saved else before
+        raise KeyboardInterrupt(kept) from None
     log(f"trained in {time.time() - started:.1f}s; validation loss {saved[-1]:.3f}")
 
 def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False,
@@ -608,14 +613,14 @@ def main(argv=None):
     ju.add_argument("file", help="a JSON list of entries with the response under --key")
     ju.add_argument("--key", default="model_response", help="the field holding the response")
     for p in (ev, ju):
-        p.add_argument("--judge", default=judge.JUDGE, help="the model that scores (default llama3)")
-        p.add_argument("--url", help="Ollama ($OLLAMA_HOST, localhost:11434), or an OpenAI-like .../v1")
+        p.add_argument("--judge", default=judge.JUDGE, help="the model that scores (llama3)")
+        p.add_argument("--url", help="Ollama (default $OLLAMA_HOST, :11434), or an OpenAI .../v1")
         p.add_argument("--timeout", type=float, default=judge.TIMEOUT, help="seconds for one reply")
     ge = sub.add_parser("generate", help="answer instructions with a trained run, on stdout")
     ge.add_argument("instruction", nargs="?", help="the instruction (none: one per line of stdin)")
     ge.add_argument("--input", default="", help="the instruction's input, if any")
     ge.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
-    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); more: sample")
+    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sample")
     ge.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
     ge.add_argument("--seed", type=int, default=123, help="the sampling's seed (default 123)")
     for p in (ev, ge):

@@ -37,6 +37,20 @@ class Bodies(list):
         self.headers = []
 
 
+class JSONHandler(http.server.BaseHTTPRequestHandler):
+    """A stand-in server's replies: send(code, a JSON-able object or raw bytes); no request log."""
+    def send(self, code, obj):
+        import json
+        raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *a):
+        pass
+
+
 def ollama(replies=("85",), models=("llama3:latest",), status=200, error=None, stall=False, tags=None,
            fail_from=None, body=None):
     """A stand-in Ollama on 127.0.0.1 (under any path prefix): GET /api/tags and POST /api/chat, answered as
@@ -48,14 +62,7 @@ def ollama(replies=("85",), models=("llama3:latest",), status=200, error=None, s
     import time
     bodies = Bodies()
 
-    class Ollama(http.server.BaseHTTPRequestHandler):
-        def send(self, code, obj):
-            raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
+    class Ollama(JSONHandler):
         def do_GET(self):
             self.send(200, tags if tags is not None else {"models": [{"name": m} for m in models]})
 
@@ -75,8 +82,6 @@ def ollama(replies=("85",), models=("llama3:latest",), status=200, error=None, s
             reply = replies[(len(bodies) - 1) % len(replies)]
             self.send(200, {"message": {"role": "assistant", "content": reply}, "done": True})
 
-        def log_message(self, *a):
-            pass
     url, srv = serve(Ollama)
     return url, bodies
 
@@ -88,14 +93,7 @@ def openai_server(replies=("85",), models=("gpt-4o-mini",), status=200, error="b
     import json
     bodies = Bodies()
 
-    class OpenAI(http.server.BaseHTTPRequestHandler):
-        def send(self, code, obj):
-            raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
+    class OpenAI(JSONHandler):
         def fail(self, code, message, kind, error_code):
             self.send(code, {"error": {"message": message, "type": kind, "param": None, "code": error_code}})
 
@@ -125,8 +123,6 @@ def openai_server(replies=("85",), models=("gpt-4o-mini",), status=200, error="b
             choice = {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
             self.send(200, {"id": "chatcmpl-1", "object": "chat.completion", "model": request["model"], "choices": [choice]})
 
-        def log_message(self, *a):
-            pass
     url, srv = serve(OpenAI)
     return url + "/v1", bodies
 
