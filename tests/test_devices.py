@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import gpt
 import sft
 from conftest import tiny_model
 from test_cli import MEMO, run, write_data
@@ -105,7 +106,9 @@ def test_a_run_trains_in_the_precision_chosen_and_says_which(tmp_path, capsys, m
         return model
     monkeypatch.setattr(sft, "load_model", load_and_watch)
     data = write_data(tmp_path / "d.json", MEMO)
-    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", tmp_path / "run", "--epochs", 1,
+    base = tmp_path / "base"  # small: emulated bf16 is slow on a CPU without it
+    gpt.save_pretrained(tiny_model(vocab=50257, n_positions=256), base)
+    code, _, err = run(capsys, "train", "--model", base, "--data", data, "--out", tmp_path / "run", "--epochs", 1,
                        "--batch-size", 4, *flag)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "run.json").read_text())["precision"] == precision
