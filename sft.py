@@ -108,7 +108,7 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
 def loss_and_backward(model, micro_batches, device) -> tuple:
     """Gradients of the mean loss over the targets of all micro-batches, as one batch of all their
     rows (gradient accumulation: big batches in small memory, for exercise 7.3's 52k set).
-    Returns (the summed loss, a tensor or 0.0, and the target count)."""
+    Returns (the summed loss: a tensor, or 0.0 without targets; the target count)."""
     counts = [int((targets != IGNORE).sum()) for _, targets in micro_batches]
     summed = 0.0
     for (inputs, targets), n in zip(micro_batches, counts):
@@ -163,13 +163,15 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
             optimizer.zero_grad()
             tokens_seen += sum(inputs.numel() for inputs, _ in micro_batches)
             if step % eval_freq == 0:
-                train_loss = float(sum(s for s, _ in window)) / max(sum(n for _, n in window), 1)
+                counted = sum(n for _, n in window)  # 0: no target since the last report, no mean
+                train_loss = float(sum(s for s, _ in window)) / counted if counted else math.nan
                 window = []
                 model.eval()  # validation without NEFTune's noise
                 val_loss = calc_loss_loader(val_loader, model, device, eval_iter)
                 model.train()
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-                    raise ValueError(f"training diverged (loss {train_loss}): lower the rate")
+                    raise ValueError(f"training diverged, or had no target (loss {train_loss}, "
+                                     f"step {step}): lower the rate")
                 reports.append(dict(step=step, epoch=epoch, lr=lr, grad_norm=norm.item(),
                                     tokens=tokens_seen, train_loss=train_loss, val_loss=val_loss,
                                     seconds=round(time.time() - started, 2)))
