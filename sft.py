@@ -106,9 +106,8 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
     return total / count if count else float("nan")
 
 def loss_and_backward(model, micro_batches, device) -> tuple:
-    """Gradients of the mean loss over the targets of all micro-batches, as one batch of all their
-    rows (gradient accumulation: big batches in small memory, for exercise 7.3's 52k set).
-    Returns (the summed loss: a tensor, or 0.0 without targets; the target count)."""
+    """Gradients of the mean loss over all micro-batches' targets, as one batch of their rows
+    (accumulation, for exercise 7.3's 52k set). Returns (summed loss or 0.0, target count)."""
     counts = [int((targets != IGNORE).sum()) for _, targets in micro_batches]
     summed = 0.0
     for (inputs, targets), n in zip(micro_batches, counts):
