@@ -1,13 +1,12 @@
-"""GPT-2: the model, generation, LoRA, NEFTune; below the divider fast generation, checkpoints."""
-import ctypes, http.client, json, math, os, pathlib, re, sys, urllib.error, urllib.request, warnings
+"""GPT-2 (the book's chapters 4 and 5) and LoRA (exercise 7.4); below the divider the tool:
+fast batched generation, NEFTune, safetensors, Hugging Face checkpoints in and out."""
+import warnings
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 warnings.filterwarnings("ignore", "Failed to initialize NumPy")  # torch warns without numpy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-EOT = 50256  # <|endoftext|>: GPT-2's end of text, its bos and eos token
 
 @dataclass
 class GPTConfig:
@@ -26,21 +25,18 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd)  # q, k, v fused, as in the checkpoint
         self.c_proj = nn.Linear(c.n_embd, c.n_embd)
 
-    def forward(self, x, mask=None, cache=None, start=0):
-        """x (B, T, C) -> (B, T, C), causal. generate_batch() also passes a mask that hides left
-        padding, and a KV cache holding the keys and values of the tokens before start."""
+    def heads(self, x):
+        """x (B, T, C) -> q, k, v, each (B, nh, T, hs): C split into nh heads of hs."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        heads = (B, T, self.n_head, C // self.n_head)  # C split into nh heads of hs
-        q = q.view(heads).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(heads).transpose(1, 2)
-        v = v.view(heads).transpose(1, 2)
-        if cache is not None:  # (2, B, nh, S, hs): store at [start, start+T), attend to all so far
-            cache[:, :, :, start:start + T] = torch.stack((k, v))
-            k, v = cache[:, :, :, :start + T]
-        causal = mask is None  # generate_batch() brings its own causal mask, which also hides pads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        shape = (B, T, self.n_head, C // self.n_head)
+        return [t.view(shape).transpose(1, 2) for t in (q, k, v)]
+
+    def forward(self, x):
+        """x (B, T, C) -> (B, T, C): each position attends to itself and the ones before it."""
+        q, k, v = self.heads(x)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).flatten(2))  # the heads side by side again
 
 class Block(nn.Module):
     def __init__(self, c: GPTConfig):
@@ -52,8 +48,8 @@ class Block(nn.Module):
                                              gelu=nn.GELU(approximate="tanh"),
                                              c_proj=nn.Linear(4 * c.n_embd, c.n_embd)))
 
-    def forward(self, x, mask=None, cache=None, start=0):
-        x = x + self.attn(self.ln_1(x), mask, cache, start)  # pre-LayerNorm residual blocks
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # pre-LayerNorm residual blocks
         return x + self.mlp(self.ln_2(x))
 
 class GPT(nn.Module):
@@ -70,43 +66,40 @@ class GPT(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, idx, pos=None, mask=None, cache=None, start=0, last_only=False):
-        """idx (B, T) token ids -> logits (B, T, vocab); the other arguments: generate_batch()'s."""
-        if pos is None:
-            pos = torch.arange(idx.shape[1], device=idx.device)
+    @property
+    def pos_emb(self):  # the book's name for the position table: its rows are the context size
+        return self.wpe
+
+    def forward(self, idx):
+        """idx (B, T) token ids -> logits (B, T, vocab)."""
+        pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
-        for i, block in enumerate(self.h):
-            x = block(x, mask, None if cache is None else cache[i], start)
-        if last_only:  # generation needs the next token's logits only
-            x = x[:, -1:]
+        for block in self.h:
+            x = block(x)
         # the head is tied to the token embedding, as GPT-2's (the book trains a copy, out_head)
         return F.linear(self.ln_f(x), self.wte.weight)
 
 # ---------------- generation (chapter 5)
-def next_token(logits, temperature=0.0, top_k=None):
-    """logits (B, vocab) -> ids (B, 1): the most likely, or with a temperature a sample (from the
-    top_k most likely when given), as the book's chapter 5."""
-    if top_k is not None:
-        kth = torch.topk(logits, top_k).values[:, -1:]  # (B, 1): each row's k-th largest
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return torch.multinomial(probs, num_samples=1)
-    return logits.argmax(dim=-1, keepdim=True)
-
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
-    """The book's generate: idx (B, T) -> (B, T + new), a whole forward per new token (the fast
-    one is generate_batch); stops when every row's next token is eos_id, as the book for one row."""
+    """The book's generate: idx (B, T) -> (B, T + new), the most likely token each time, or with a
+    temperature a sample (from the top_k most likely when given); stops at eos_id."""
     for _ in range(max_new_tokens):
         logits = model(idx[:, -context_size:])[:, -1]  # (B, vocab): the last position's
-        token = next_token(logits, temperature, top_k)
-        if eos_id is not None and bool((token == eos_id).all()):
+        if top_k is not None:
+            kth = torch.topk(logits, top_k).values[:, -1:]  # (B, 1): each row's k-th largest
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+        else:
+            idx_next = logits.argmax(dim=-1, keepdim=True)
+        if eos_id is not None and bool((idx_next == eos_id).all()):  # every row at its end
             break
-        idx = torch.cat((idx, token), dim=1)
+        idx = torch.cat((idx, idx_next), dim=1)
     return idx
 
-# ---------------- finetuning: LoRA (exercise 7.4), NEFTune
+# ---------------- LoRA (exercise 7.4)
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / rank) * x A^T B^T, as peft (the book's appendix E: alpha alone)."""
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
@@ -119,24 +112,28 @@ class LoRALinear(nn.Module):
     def forward(self, x):  # through the rank-r bottleneck: no gradient work for the frozen weight
         return self.base(x) + (x @ self.A.t()) @ self.B.t() * self.scale
 
-    def merged(self) -> nn.Linear:
-        self.base.weight.data += self.scale * self.B.data @ self.A.data
-        return self.base
-
-def _swap_linears(model: GPT, swap):
-    for module in list(model.h.modules()):
-        for name, child in list(module.named_children()):
-            setattr(module, name, swap(child))
-
 def add_lora(model: GPT, rank: int, alpha: float) -> GPT:
     """Freeze every weight and wrap each Linear of the blocks in a LoRALinear."""
     model.requires_grad_(False)
-    _swap_linears(model, lambda m: LoRALinear(m, rank, alpha) if isinstance(m, nn.Linear) else m)
+    for module in list(model.h.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, rank, alpha))
     return model
+
+# ================ the tool: fast generation, NEFTune, checkpoints in and out; none of it the chapter
+import ctypes, http.client, json, math, os, pathlib, re, sys, urllib.error, urllib.request
+from dataclasses import asdict, fields
+
+EOT = 50256  # <|endoftext|>: GPT-2's end of text, its bos and eos token
 
 def merge_lora(model: GPT) -> GPT:
     """Fold each adapter into its weight (W += scale * B A) and unwrap it: a plain GPT-2 again."""
-    _swap_linears(model, lambda m: m.merged() if isinstance(m, LoRALinear) else m)
+    for module in list(model.h.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                child.base.weight.data += child.scale * child.B.data @ child.A.data
+                setattr(module, name, child.base)
     return model.requires_grad_(True)
 
 def add_neftune(model, alpha: float):
@@ -148,47 +145,62 @@ def add_neftune(model, alpha: float):
         return embeddings + torch.empty_like(embeddings).uniform_(-bound, bound)
     model.wte.register_forward_hook(noisy)
 
-# ================ the tool: checkpoints in and out, fast generation; none of it the chapter
 # ---------------- fast generation: a batch of prompts at once, with a KV cache
+def cached_pass(model: GPT, idx, pos, mask, cache, start: int):
+    """model(idx)'s last position, for the tokens at cache columns start.. only: the keys and
+    values before them come from cache (n_layer, 2, B, nh, S, hs); mask (B, 1, T, start+T)."""
+    x = model.wte(idx) + model.wpe(pos)  # (B, T, C)
+    end = start + idx.shape[1]
+    for block, kv in zip(model.h, cache):
+        q, k, v = block.attn.heads(block.ln_1(x))
+        kv[:, :, :, start:end] = torch.stack((k, v))  # store this pass's keys and values
+        y = F.scaled_dot_product_attention(q, kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask)
+        x = x + block.attn.c_proj(y.transpose(1, 2).flatten(2))
+        x = x + block.mlp(block.ln_2(x))
+    return F.linear(model.ln_f(x[:, -1:]), model.wte.weight)  # (B, 1, vocab)
+
 @torch.no_grad()
 def generate_batch(model: GPT, prompts, max_new_tokens: int, temperature=0.0, top_k=None,
                    eos_id=None) -> list:
-    """generate() for prompts (id lists, any lengths) at once, KV-cached: each one's new ids."""
+    """generate() for prompts (id lists, any lengths) at once, KV-cached: each one's new ids.
+    generate() runs the loop; the model it calls reads only the new tokens, from the cache."""
     c = model.config
     device = model.wte.weight.device
     prompts = [p[-(c.n_positions - 1):] for p in prompts]  # an over-long prompt keeps its newest
     # each row's own budget: its new tokens end where its positions reach the context's end
-    budgets = [min(max_new_tokens, c.n_positions - len(p)) for p in prompts]
+    budgets = torch.tensor([min(max_new_tokens, c.n_positions - len(p)) for p in prompts])
     P = max(map(len, prompts))
-    S = P + max(budgets)  # cache columns: the longest prompt, then the largest budget
+    S = P + int(budgets.max())  # cache columns: the longest prompt, then the largest budget
     pads = torch.tensor([P - len(p) for p in prompts], device=device)[:, None]  # (B, 1)
-    x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # left-padded
     column = torch.arange(S, device=device)
     # (B, S): each row's positions start at its first token; a row past its budget repeats its
     # last position, and what it generates there is dropped
     pos = (column - pads).clamp(0, c.n_positions - 1)
     causal = column[None, :] <= column[:, None]  # (S, S): a query sees keys up to its own
-    # (B, S, S): causal and no padding; a pad query sees itself, so no row is all -inf
+    # (B, 1, S, S): causal and no padding; a pad query sees itself, so no row is all -inf
     mask = (causal & (column >= pads)[:, None, :]) | torch.eye(S, dtype=torch.bool, device=device)
+    mask = mask[:, None]
     cache = torch.empty(c.n_layer, 2, len(prompts), c.n_head, S, c.n_embd // c.n_head,
                         device=device, dtype=model.wte.weight.dtype)
-    out = []
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    last_step = torch.tensor(budgets, device=device) - 1  # (B,)
-    start = 0
-    for step in range(S - P):
-        T = x.shape[1]
-        step_mask = mask[:, None, start:start + T, :start + T]  # (B, 1, T, start+T)
-        logits = model(x, pos[:, start:start + T], step_mask, cache, start, last_only=True)
-        token = next_token(logits[:, -1], temperature, top_k)[:, 0]  # (B,)
-        out.append(token)
-        done |= (token == eos_id) | (last_step <= step)
-        if done.all():
-            break
-        start += T
-        x = token[:, None]
-    rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
-    rows = [r[:budget] for r, budget in zip(rows, budgets)]
+    finished = torch.full((1, c.vocab_size), float("-inf"), device=device)
+    if eos_id is not None:
+        finished[0, eos_id] = 0.0  # logits that make every choice end-of-text
+    budgets = budgets.to(device)
+
+    def next_logits(idx):  # idx (B, P + new so far) -> (B, 1, vocab), as model(idx)[:, -1:]
+        end = idx.shape[1]
+        start = 0 if end == P else end - 1  # the prompts first, then one new token a pass
+        logits = cached_pass(model, idx[:, start:], pos[:, start:end],
+                             mask[:, :, start:end, :end], cache, start)
+        new = idx[:, P:]
+        if eos_id is not None:  # a row at its end, or its budget, answers end-of-text from now on
+            done = (new == eos_id).any(dim=1) | (new.shape[1] >= budgets)
+            logits[done] = finished
+        return logits
+
+    x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # left-padded
+    rows = generate(next_logits, x, int(budgets.max()), S, temperature, top_k, eos_id)
+    rows = [r[:budget] for r, budget in zip(rows[:, P:].tolist(), budgets.tolist())]
     return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
 
 # ---------------- safetensors

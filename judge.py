@@ -1,11 +1,6 @@
-"""Scoring with a judge, Ollama or OpenAI-compatible (chapter 7's end): the book's prompt first.
-A leaf, standard library only: sft.py builds the prompts and runs it (python sft.py judge FILE)."""
-import hashlib, http.client, json, os, re, sys, urllib.error, urllib.request
-
+"""Scoring with a judge (the book's 7.8): the book's prompt and the request to Ollama first; below
+the divider OpenAI-compatible servers, failures in one line, scores read out of replies."""
 JUDGE = "llama3"
-# deterministic, as the book; num_predict caps a reply's length (the score comes first)
-OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
-OPENAI_OPTIONS = {"temperature": 0, "seed": 123, "max_tokens": 512}  # the same, in OpenAI's names
 TIMEOUT = 300  # seconds for a whole reply; the first also waits for Ollama to load the model
 
 def judge_prompt(prompt: str, output: str, response: str) -> str:
@@ -15,6 +10,22 @@ def judge_prompt(prompt: str, output: str, response: str) -> str:
             "where 100 is the best score. Respond with the integer number only.")
 
 # ---------------- the request (7.8: the book's query_model)
+def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
+    """One chat turn with Ollama's /api/chat, answered as one JSON object ("stream": false), as
+    deterministic as the book's; num_predict caps the reply (the score comes first)."""
+    url = server(url)
+    if is_openai(url):  # LM Studio, llama.cpp, vLLM, OpenAI: below the divider
+        return query_openai(prompt, model, url, timeout)
+    options = {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False,
+            "options": options}
+    reply = call(url, "/api/chat", body, timeout)
+    return content(url, reply)
+
+# ================ the tool: OpenAI-compatible servers, failures in one line, the check, scores
+import hashlib, http.client, json, os, re, sys, urllib.error, urllib.request
+
+CHECK_TIMEOUT = 10
 def server(url=None) -> str:
     """--url, else OLLAMA_HOST (host:port or a URL), else localhost:11434."""
     url = url or os.environ.get("OLLAMA_HOST") or "localhost:11434"
@@ -26,28 +37,24 @@ def is_openai(url: str) -> bool:
     """A URL ending in /v1 is an OpenAI-compatible server's (LM Studio, llama.cpp, vLLM, OpenAI)."""
     return url.endswith("/v1")
 
-def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
-    """One chat turn, answered as one JSON object: Ollama's /api/chat ("stream": false), or
-    an OpenAI-compatible /chat/completions. call() is below the divider."""
-    url = server(url)
-    messages = [{"role": "user", "content": prompt}]
-    if is_openai(url):
-        body = {"model": model, "messages": messages, **OPENAI_OPTIONS}
-        reply = call(url, "/chat/completions", body, timeout)
-    else:
-        body = {"model": model, "messages": messages, "stream": False, "options": OPTIONS}
-        reply = call(url, "/api/chat", body, timeout)
-    try:  # {"choices": [{"message": {...}}]} or {"message": {...}}
-        message = reply["choices"][0]["message"] if is_openai(url) else reply["message"]
-        content = message["content"]
-    except (TypeError, KeyError, IndexError):
-        content = None
-    if not isinstance(content, str):
-        raise ValueError(f"{who(url)} sent a chat reply without message content")
-    return content
+def query_openai(prompt: str, model: str, url: str, timeout: float) -> str:
+    """query() in OpenAI's protocol: POST /chat/completions, the same options in its names."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0, "seed": 123, "max_tokens": 512}
+    reply = call(url, "/chat/completions", body, timeout)
+    return content(url, reply)
 
-# ================ the tool: failures in one line, the check, scores out of replies, the journal
-CHECK_TIMEOUT = 10  # seconds for the check: a server that is up lists its models at once
+def content(url: str, reply) -> str:
+    """The message content of a chat reply: {"message": {...}} or {"choices": [{"message": ...}]}."""
+    try:
+        message = reply["choices"][0]["message"] if is_openai(url) else reply["message"]
+        text = message["content"]
+    except (TypeError, KeyError, IndexError):
+        text = None
+    if not isinstance(text, str):
+        raise ValueError(f"{who(url)} sent a chat reply without message content")
+    return text
+  # seconds for the check: a server that is up lists its models at once
 
 def who(url: str) -> str:
     return f"the server at {url}" if is_openai(url) else f"Ollama at {url}"

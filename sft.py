@@ -1,83 +1,82 @@
-"""Instruction finetuning of GPT-2 (the book's chapter 7): the chapter first, the tool below it."""
-import argparse, contextlib, copy, hashlib, json, math, os, shutil, sys, time
-from dataclasses import asdict, dataclass, field, fields
-from functools import partial
-import gpt  # first: it quiets torch's warning about a missing numpy
-from gpt import generate
-import judge
-import tiktoken
+"""Instruction finetuning of GPT-2: the book's chapter 7 first, the tool below the divider."""
+from gpt import generate  # first: gpt quiets torch's warning about a missing numpy
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-EOT = 50256      # <|endoftext|>: pads the batches, and is the one end target each row keeps
-IGNORE = -100    # targets that cross_entropy skips (its default ignore_index)
-SPLIT = (0.85, 0.10)  # train and test fractions, as the book; validation gets the rest
-STYLES = {  # (instruction, input when non-empty)
-    "alpaca": ("Below is an instruction that describes a task. Write a response that "
-               "appropriately completes the request.\n\n### Instruction:\n{instruction}",
-               "\n\n### Input:\n{input}"),
-    "phi3": ("<|user|>\n{instruction}", "\n{input}")}
-RESPONSE = {"alpaca": "\n\n### Response:\n", "phi3": "\n<|assistant|>\n"}  # the answer follows
+# ---------------- data: prompts (7.2, exercise 7.1), the split, the dataset and its batches (7.3)
+def format_input(entry):
+    """The book's Alpaca prompt: the instruction, then the input if there is one. The response
+    marker follows it in the training text; in an answer the model writes it."""
+    instruction_text = ("Below is an instruction that describes a task. Write a response that "
+                        "appropriately completes the request."
+                        f"\n\n### Instruction:\n{entry['instruction']}")
+    input_text = ""
+    if entry.get("input"):  # an empty or missing input adds nothing
+        input_text = f"\n\n### Input:\n{entry['input']}"
+    return instruction_text + input_text
 
-# ---------------- data: prompts, the split (7.2), the dataset and its batches (7.3)
-def format_input(entry: dict, style: str = "alpaca") -> str:
-    """The book's prompt: the instruction, then the input if there is one. RESPONSE[style]
-    follows it in the training text and in the prompt an answer is generated from."""
-    instruction, input_text = STYLES[style]
-    prompt = instruction.format(instruction=entry["instruction"])
+def format_input_phi(entry):
+    """Exercise 7.1: the Phi-3 style; its response marker is <|assistant|>: on a line of its own."""
+    input_text = ""
     if entry.get("input"):
-        prompt += input_text.format(input=entry["input"])
-    return prompt
+        input_text = f"\n{entry['input']}"
+    return f"<|user|>\n{entry['instruction']}" + input_text
 
-def split(entries: list, source: str = "data") -> tuple:
+def split(data) -> tuple:
     """(train, val, test) in file order, with the book's arithmetic: 935 / 55 / 110 of 1,100."""
-    n_train = int(SPLIT[0] * len(entries))
-    n_test = int(SPLIT[1] * len(entries))
-    train_part = entries[:n_train]
-    test_part = entries[n_train:n_train + n_test]
-    val_part = entries[n_train + n_test:]
-    if not (train_part and val_part and test_part):
-        raise ValueError(f"{source}: {len(entries)} entries are too few to split: at least 10")
-    return train_part, val_part, test_part
+    train_portion = int(len(data) * 0.85)
+    test_portion = int(len(data) * 0.1)
+    train_data = data[:train_portion]
+    test_data = data[train_portion:train_portion + test_portion]
+    val_data = data[train_portion + test_portion:]
+    return train_data, val_data, test_data
 
 class InstructionDataset(Dataset):
-    """The book's dataset: each entry's ids, the prompt and the output encoded apart (a written
-    <|endoftext|> stays text). mask_prompt: items are (prompt_len, ids), exercise 7.2's form."""
+    """The book's dataset: each entry's prompt, marker and output as token ids (a written
+    <|endoftext|> stays text). mask_prompt: items are (instruction_length, ids), exercise 7.2."""
     def __init__(self, data, tokenizer, style="alpaca", mask_prompt=False):
+        self.data = data
+        self.mask_prompt = mask_prompt
         self.encoded_texts = []
-        self.items = []
+        self.instruction_lengths = []  # the prompt's tokens, without the marker (exercise 7.2)
         for entry in data:
-            prompt = tokenizer.encode_ordinary(format_input(entry, style) + RESPONSE[style])
-            ids = prompt + tokenizer.encode_ordinary(entry["output"])
-            self.encoded_texts.append(ids)
-            self.items.append((len(prompt), ids) if mask_prompt else ids)
+            if style == "phi3":
+                instruction_plus_input = format_input_phi(entry)
+                response_text = f"\n<|assistant|>:\n{entry['output']}"
+            else:
+                instruction_plus_input = format_input(entry)
+                response_text = f"\n\n### Response:\n{entry['output']}"
+            full_text = instruction_plus_input + response_text
+            self.encoded_texts.append(tokenizer.encode_ordinary(full_text))
+            self.instruction_lengths.append(len(tokenizer.encode_ordinary(instruction_plus_input)))
 
     def __getitem__(self, index):
-        return self.items[index]
+        if self.mask_prompt:
+            return self.instruction_lengths[index], self.encoded_texts[index]
+        return self.encoded_texts[index]
 
     def __len__(self):
-        return len(self.items)
+        return len(self.data)
 
-def collate(batch, pad_token_id=EOT, ignore_index=IGNORE, allowed_max_length=None, device="cpu"):
-    """The book's custom_collate_fn: id lists, or (prompt_len, ids) whose prompt is masked ->
-    inputs, targets (B, T), T the longest row (at most allowed_max_length). The book's example,
+def collate(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=None, device="cpu"):
+    """The book's custom_collate_fn: id lists, or exercise 7.2's (instruction_length, ids) pairs
+    -> inputs, targets (B, T), T the longest row (at most allowed_max_length). The book's example,
     rows [0..4], [5, 6], [7, 8, 9] with E = 50256 and _ = -100, gives
     inputs  [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]] and
     targets [[1, 2, 3, 4, E], [6, E, _, _, _], [8, 9, E, _, _]]. Masks go by position, not value."""
-    # (prompt_len, ids): an id list has prompt_len 0, nothing to mask
-    rows = [item if isinstance(item, tuple) else (0, item) for item in batch]
-    T = max(len(ids) for _, ids in rows)
+    rows = [item[1] if isinstance(item, tuple) else item for item in batch]  # the id lists
+    T = max(len(ids) for ids in rows)
     inputs = torch.full((len(rows), T), pad_token_id)
     # all -100 at first: the book's "every padding token but the first becomes -100" is done by
     # writing each row's real targets, and its one end-of-text, over them
     targets = torch.full((len(rows), T), ignore_index)
-    for i, (prompt_len, ids) in enumerate(rows):
+    for i, ids in enumerate(rows):
         n = len(ids)
         inputs[i, :n] = torch.tensor(ids)
         targets[i, :n - 1] = inputs[i, 1:n]  # position j predicts token j + 1
         targets[i, n - 1] = pad_token_id  # the one end-of-text to emit, so the model learns to stop
-        # exercise 7.2: targets 0 .. prompt_len - 2 are prompt tokens 1 .. prompt_len - 1
-        targets[i, :max(prompt_len - 1, 0)] = ignore_index  # the response's first token stays
+        if isinstance(batch[i], tuple):  # exercise 7.2: no loss on the instruction's tokens
+            targets[i, :batch[i][0] - 1] = ignore_index
     inputs = inputs[:, :allowed_max_length]
     targets = targets[:, :allowed_max_length]
     return inputs.to(device), targets.to(device)
@@ -92,115 +91,86 @@ def calc_loss_batch(input_batch, target_batch, model, device):
 
 @torch.no_grad()
 def calc_loss_loader(data_loader, model, device, num_batches=None):
-    """The mean loss over every target of the first num_batches batches (None: all), each batch
-    weighted by its number of targets (the book averages the batches' means)."""
-    total = 0.0
-    count = 0
+    """The mean of the first num_batches batches' losses (None: all), as the book."""
+    if len(data_loader) == 0:
+        return float("nan")
+    if num_batches is None:
+        num_batches = len(data_loader)
+    num_batches = min(num_batches, len(data_loader))
+    total_loss = 0.0
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i == num_batches:
             break
-        n = int((target_batch != IGNORE).sum())
-        if n:  # a batch with no target has no mean
-            total += calc_loss_batch(input_batch, target_batch, model, device).item() * n
-            count += n
-    return total / count if count else float("nan")
+        total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
+    return total_loss / num_batches
 
-def loss_and_backward(model, micro_batches, device) -> tuple:
-    """Gradients of the mean loss over all micro-batches' targets, as one batch of their rows
-    (accumulation, for exercise 7.3's 52k set). Returns (summed loss or 0.0, target count)."""
-    counts = [int((targets != IGNORE).sum()) for _, targets in micro_batches]
-    summed = 0.0
-    for (inputs, targets), n in zip(micro_batches, counts):
-        if n:
-            loss = calc_loss_batch(inputs, targets, model, device)  # this part's mean
-            (loss * n / sum(counts)).backward()  # weighted by its share of all the targets
-            summed += loss.detach() * n
-    return summed, sum(counts)
-
-def lr_factor(step: int, steps: int, warmup_steps=0, cosine=False) -> float:
-    """Beyond the chapter (appendix D, in transformers' conventions): the rate's multiplier at
-    update step 0 .. steps - 1, a linear warmup from 0, then 1 or a cosine to 0."""
-    if step < warmup_steps:
-        return step / warmup_steps
-    if not cosine:
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (steps - warmup_steps)))
-
-def steps_of(loader, grad_accum: int):
-    """The loader's batches in groups of grad_accum, one group per optimizer step (a partial
-    last group is dropped)."""
-    group = []
-    for batch in loader:
-        group.append(batch)
-        if len(group) == grad_accum:
-            yield group
-            group = []
-
-def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq,
-                       eval_iter, start_context, tokenizer, warmup_steps=0, cosine=False,
-                       max_grad_norm=None, grad_accum=1, on_epoch=None, context_size=1024):
-    """The book's loop: (train_losses, val_losses, tokens_seen) at every eval_freq-th step, the
-    train loss the steps' own since the last report. Beyond the book, off by default: appendix
-    D's warmup, cosine and clipping, accumulation, on_epoch(epoch, reports) (the tool saves)."""
-    peak_lr = optimizer.param_groups[0]["lr"]
-    total_steps = num_epochs * (len(train_loader) // grad_accum) if cosine else 0
-    reports = []  # one dict per report: the curves' points, and what the tool logs
-    window = []  # (summed loss, target count) of each step since the last report
+def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs,
+                       eval_freq, eval_iter, start_context, tokenizer):
+    """The book's loop: (train_losses, val_losses, tokens_seen) at every eval_freq-th step, each
+    loss the mean of eval_iter batches; a greedy sample after start_context after each epoch."""
+    train_losses = []
+    val_losses = []
+    track_tokens_seen = []
     tokens_seen = 0
-    step = 0
-    started = time.time()
-    for epoch in range(1, num_epochs + 1):
-        model.train()  # this GPT-2 has no dropout: train mode only turns NEFTune's noise on
-        for micro_batches in steps_of(train_loader, grad_accum):
-            window.append(loss_and_backward(model, micro_batches, device))
-            lr = peak_lr * lr_factor(step, total_steps, warmup_steps, cosine)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # the global norm before clipping (with max_norm inf: measured, the gradients untouched)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    global_step = -1
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()  # the last batch's gradients go before this one's
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
             optimizer.step()
-            optimizer.zero_grad()
-            tokens_seen += sum(inputs.numel() for inputs, _ in micro_batches)
-            if step % eval_freq == 0:
-                counted = sum(n for _, n in window)  # 0: no target since the last report, no mean
-                train_loss = float(sum(s for s, _ in window)) / counted if counted else math.nan
-                window = []
-                model.eval()  # validation without NEFTune's noise
-                val_loss = calc_loss_loader(val_loader, model, device, eval_iter)
+            tokens_seen += input_batch.numel()  # padding included, as the book counts
+            global_step += 1
+            if global_step % eval_freq == 0:
+                model.eval()
+                train_losses.append(calc_loss_loader(train_loader, model, device, eval_iter))
+                val_losses.append(calc_loss_loader(val_loader, model, device, eval_iter))
+                track_tokens_seen.append(tokens_seen)
                 model.train()
-                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-                    raise ValueError(f"training diverged, or had no target (loss {train_loss}, "
-                                     f"step {step}): lower the rate")
-                reports.append(dict(step=step, epoch=epoch, lr=lr, grad_norm=norm.item(),
-                                    tokens=tokens_seen, train_loss=train_loss, val_loss=val_loss,
-                                    seconds=round(time.time() - started, 2)))
-                print(f"Ep {epoch} (Step {step:06d}): Train loss {train_loss:.3f}, "
-                      f"Val loss {val_loss:.3f}")
-            step += 1
-        model.eval()  # the book's generate_and_print_sample: 50 tokens, here up to end-of-text
-        prompt = torch.tensor([tokenizer.encode_ordinary(start_context)], device=device)
-        ids = generate(model, prompt, 50, context_size, eos_id=EOT)
-        print(tokenizer.decode(ids[0].tolist()).replace("\n", " "))
-        if on_epoch is not None:
-            on_epoch(epoch, reports)
-    model.train()
-    return ([r["train_loss"] for r in reports], [r["val_loss"] for r in reports],
-            [r["tokens"] for r in reports])
+                print(f"Ep {epoch + 1} (Step {global_step:06d}): "
+                      f"Train loss {train_losses[-1]:.3f}, Val loss {val_losses[-1]:.3f}")
+        model.eval()  # the sample: 50 greedy tokens after start_context
+        context_size = model.pos_emb.weight.shape[0]
+        encoded = torch.tensor([tokenizer.encode_ordinary(start_context)], device=device)
+        token_ids = generate(model, encoded, 50, context_size)
+        print(tokenizer.decode(token_ids[0].tolist()).replace("\n", " "))
+        model.train()
+    return train_losses, val_losses, track_tokens_seen
 
 # ---------------- answers (7.7)
-def respond(model, entries, tokenizer, device, style="alpaca", max_new_tokens=256,
-            context_size=1024) -> list:
-    """The book's loop over test_data (call model.eval() first): each entry's greedy answer, from
-    the prompt with its marker, as the new tokens (the book cuts text). eval uses answer()."""
+def respond(model, test_data, tokenizer, device, style="alpaca", max_new_tokens=256) -> list:
+    """The book's loop over test_data: each entry's greedy answer, the generated text after the
+    prompt with the model's response marker taken out."""
+    model.eval()
+    context_size = model.pos_emb.weight.shape[0]
     answers = []
-    for entry in entries:
-        prompt = tokenizer.encode_ordinary(format_input(entry, style) + RESPONSE[style])
-        idx = torch.tensor([prompt], device=device)
-        ids = generate(model, idx, max_new_tokens, context_size, eos_id=EOT)
-        answers.append(tokenizer.decode(ids[0, len(prompt):].tolist()).strip())
+    for entry in test_data:
+        if style == "phi3":
+            input_text = format_input_phi(entry)
+            marker = "<|assistant|>:"
+        else:
+            input_text = format_input(entry)
+            marker = "### Response:"
+        idx = torch.tensor([tokenizer.encode_ordinary(input_text)], device=device)
+        token_ids = generate(model, idx, max_new_tokens, context_size, eos_id=50256)
+        generated_text = tokenizer.decode(token_ids[0].tolist())
+        answers.append(generated_text[len(input_text):].replace(marker, "").strip())
     return answers
 
 # ================ the tool: what runs the job for real and fails well, none of it the chapter
+import argparse, copy, hashlib, json, math, os, shutil, sys, time
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+import gpt
+import judge
+import tiktoken
+
+EOT = gpt.EOT  # pads the batches, and is the one end target each row keeps
+IGNORE = -100  # targets that cross_entropy skips (its default ignore_index)
+STYLES = {"alpaca": (format_input, "### Response:"), "phi3": (format_input_phi, "<|assistant|>:")}
 DATA = os.path.join(gpt.HERE, "data", "instruction-data.json")  # the book's 1,100 entries (Apache-2.0)
 CURVE_ROWS = 8  # validation rows each point of the curve measures, the same ones every time
 
@@ -326,16 +296,24 @@ def has_target(item, max_length: int) -> bool:
     targets = collate([item], allowed_max_length=max_length)[1]
     return bool((targets != IGNORE).any())
 
+def split_entries(source: str, limit: int) -> tuple:
+    """The book's split of the first limit entries (0: all) of a data file, none of them empty."""
+    entries = load_entries(source)[:limit or None]
+    parts = split(entries)
+    if not all(parts):
+        raise ValueError(f"{source}: {len(entries)} entries are too few to split: at least 10")
+    return parts
+
 def prepare_data(cfg, model, enc):
     """The training and validation datasets, and the validation entries."""
-    train_e, val_e, test_e = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)
+    train_e, val_e, test_e = split_entries(cfg.data, cfg.limit)
     cfg.max_length = min(cfg.max_length, model.config.n_positions)  # where the position table ends
     train_set = InstructionDataset(train_e, enc, cfg.style, cfg.mask_prompt)
     val_set = InstructionDataset(val_e, enc, cfg.style, cfg.mask_prompt)
     cut = sum(len(ids) > cfg.max_length for ids in train_set.encoded_texts + val_set.encoded_texts)
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
         f"{cut} cut to --max-length {cfg.max_length}")
-    for name, items in (("training", train_set.items), ("validation", val_set.items)):
+    for name, items in (("training", list(train_set)), ("validation", list(val_set))):
         masked = sum(not has_target(item, cfg.max_length) for item in items)
         if masked:
             log(f"{masked} of {len(items)} {name} rows keep no target (cut before their response)")
@@ -446,6 +424,81 @@ def loaders(cfg, train_set, val_set) -> tuple:
                               generator=shuffle, collate_fn=collate_fn)
     return train_loader, DataLoader(val_set, cfg.batch_size, collate_fn=collate_fn)
 
+def lr_factor(step: int, steps: int, warmup_steps=0, cosine=False) -> float:
+    """Appendix D, in transformers' conventions: the rate's multiplier at update step 0 ..
+    steps - 1, a linear warmup from 0, then 1 or a cosine to 0."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    if not cosine:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (steps - warmup_steps)))
+
+def loss_and_backward(model, micro_batches, device) -> tuple:
+    """The gradients of the mean loss over all micro-batches' targets, as one batch of their rows
+    (accumulation, for exercise 7.3's 52k set). (summed loss, target count), kept on the device."""
+    batches = [(inputs.to(device), targets.to(device)) for inputs, targets in micro_batches]
+    count = sum((targets != IGNORE).sum() for _, targets in batches)
+    summed = torch.zeros((), device=device)
+    for inputs, targets in batches:
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        (loss / count.clamp(min=1)).backward()  # a step without targets: no gradient, no NaN
+        summed += loss.detach()
+    return summed, count
+
+def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, after_epoch):
+    """The tool's train_model_simple: accumulation, appendix D's warmup, cosine and clipping; a
+    report's train loss is its steps' own (no second pass); after_epoch(epoch, reports) saves."""
+    steps_per_epoch = len(train_loader) // cfg.grad_accum
+    params = [p for p in model.parameters() if p.requires_grad]
+    reports = []
+    window = []  # (summed loss, target count) of each step since the last report
+    tokens_seen = 0
+    step = 0
+    started = time.time()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()  # this GPT-2 has no dropout: train mode only turns NEFTune's noise on
+        batches = iter(train_loader)
+        for _ in range(steps_per_epoch):
+            micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+            lr = cfg.lr * lr_factor(step, cfg.epochs * steps_per_epoch, cfg.warmup_steps,
+                                    cfg.schedule == "cosine")
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad()
+            window.append(loss_and_backward(model, micro_batches, device))
+            reporting = step % cfg.eval_every == 0
+            if cfg.max_grad_norm:  # the global norm, before clipping
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            elif reporting:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            optimizer.step()
+            tokens_seen += sum(inputs.numel() for inputs, _ in micro_batches)
+            if reporting:
+                summed = sum(s for s, _ in window)
+                counted = sum(n for _, n in window)
+                window = []
+                model.eval()  # validation without NEFTune's noise
+                report = dict(step=step, epoch=epoch, lr=lr, grad_norm=norm.item(),
+                              tokens=tokens_seen, train_loss=(summed / counted).item(),
+                              val_loss=calc_loss_loader(val_loader, model, device, eval_iter),
+                              seconds=round(time.time() - started, 2))
+                model.train()
+                check_report(report)
+                reports.append(report)
+            step += 1
+        after_epoch(epoch, reports)
+
+def check_report(report: dict):
+    """Log a report; a loss that is not finite (diverged, or no target to measure) stops the run."""
+    train_loss = report["train_loss"]
+    val_loss = report["val_loss"]
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+        raise ValueError(f"training diverged, or had no target (loss {train_loss}, step "
+                         f"{report['step']}): lower the rate")
+    log(f"epoch {report['epoch']}, step {report['step']}: train loss {train_loss:.3f} (its steps "
+        f"since the last report), validation loss {val_loss:.3f}")
+
 def train(cfg: TrainConfig):
     claim_out(cfg.out)  # first: an unwritable --out must not cost a training
     enc = tokenizer()
@@ -478,20 +531,16 @@ def train(cfg: TrainConfig):
     saved = []
     started = time.time()
     def save(epoch, reports):  # after each epoch: the whole validation set, then the run folder
+        log(f"epoch {epoch}'s answer to the first validation entry: "
+            + answer(model, val_e[:1], enc, cfg.style, 50)[0].replace("\n", " "))
         val_loss = calc_loss_loader(val_loader, model, device)
         metrics = [{**r, "val_rows": curve_rows} for r in reports]
         done = {"epochs_done": epoch, "val_loss": val_loss, "val_rows": len(val_set)}
         save_run(model, cfg, metrics, steps_per_epoch, done)
         saved.append(val_loss)
         log(f"epoch {epoch}: validation loss {val_loss:.3f} on all {len(val_set)} rows; saved")
-    start_context = format_input(val_e[0], cfg.style) + RESPONSE[cfg.style]
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # the book's prints are progress here
-            train_model_simple(model, train_loader, val_loader, optimizer, device, cfg.epochs,
-                               cfg.eval_every, eval_iter, start_context, enc,
-                               warmup_steps=cfg.warmup_steps, cosine=cfg.schedule == "cosine",
-                               max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum,
-                               on_epoch=save, context_size=model.config.n_positions)
+        fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, save)
     except KeyboardInterrupt:
         kept = f"{cfg.out} holds epoch {len(saved)}" if saved else before
         raise KeyboardInterrupt(kept) from None
@@ -499,17 +548,18 @@ def train(cfg: TrainConfig):
 
 def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False,
            **sampling) -> list:
-    """respond(), fast: 32 prompts of like length at a time through gpt.generate_batch."""
+    """respond()'s answers, fast: 32 prompts of like length at a time through generate_batch."""
     model.eval()
-    prompts = [enc.encode_ordinary(format_input(e, style) + RESPONSE[style]) for e in entries]
+    format_prompt, marker = STYLES[style]
+    prompts = [enc.encode_ordinary(format_prompt(e)) for e in entries]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
     for k in range(0, len(order), 32):
         chunk = order[k:k + 32]
         chunk_prompts = [prompts[i] for i in chunk]
         new_ids = gpt.generate_batch(model, chunk_prompts, max_new_tokens, eos_id=EOT, **sampling)
-        for i, ids in zip(chunk, new_ids):
-            answers[i] = enc.decode(ids).strip()  # back in the entries' order
+        for i, ids in zip(chunk, new_ids):  # back in the entries' order
+            answers[i] = enc.decode(ids).replace(marker, "").strip()
         if progress:  # minutes for gpt2-medium on a CPU
             log(f"answered {k + len(chunk)} of {len(prompts)}")
     return answers
@@ -570,7 +620,7 @@ def eval_command(a):
         judge.preflight(a.judge, a.url)
     except ValueError as e:  # said now, not after minutes of answering
         log(f"warning: {e}; the responses will still be generated and saved")
-    test = split(load_entries(cfg.data)[:cfg.limit or None], cfg.data)[2]
+    test = split_entries(cfg.data, cfg.limit)[2]
     responses = answer(model, test, tokenizer(), cfg.style, progress=True)
     path = os.path.join(a.out, RESPONSES + ".json")
     answered = [{**e, "model_response": r} for e, r in zip(test, responses)]
