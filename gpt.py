@@ -1,5 +1,5 @@
 """GPT-2 (the book's chapters 4 and 5) and LoRA (exercise 7.4); below the divider the tool:
-fast batched generation, NEFTune, safetensors, Hugging Face checkpoints in and out."""
+fast generation, NEFTune, Hugging Face checkpoints in and out."""
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -109,7 +109,7 @@ class LoRALinear(nn.Module):
         self.A = nn.Parameter(torch.randn(rank, base.in_features) / base.in_features ** 0.5)
         self.B = nn.Parameter(torch.zeros(base.out_features, rank))  # starts at 0: y = base(x)
 
-    def forward(self, x):  # through the rank-r bottleneck: no gradient work for the frozen weight
+    def forward(self, x):  # through the rank-r bottleneck
         return self.base(x) + (x @ self.A.t()) @ self.B.t() * self.scale
 
 def add_lora(model: GPT, rank: int, alpha: float) -> GPT:
@@ -121,7 +121,7 @@ def add_lora(model: GPT, rank: int, alpha: float) -> GPT:
                 setattr(module, name, LoRALinear(child, rank, alpha))
     return model
 
-# ================ the tool: fast generation, NEFTune, checkpoints in and out; none of it the chapter
+# ================ the tool: fast generation, NEFTune, checkpoints in and out; not the chapter
 import ctypes, http.client, json, math, os, pathlib, re, sys, urllib.error, urllib.request
 from dataclasses import asdict, fields
 
@@ -141,7 +141,7 @@ def add_neftune(model, alpha: float):
     def noisy(wte, inputs, embeddings):  # a forward hook: what it returns replaces wte's output
         if not wte.training:
             return embeddings
-        bound = alpha / math.sqrt(embeddings.shape[1] * embeddings.shape[2])  # (B, L, d): L and d
+        bound = alpha / math.sqrt(embeddings.shape[1] * embeddings.shape[2])  # (B, L, d)
         return embeddings + torch.empty_like(embeddings).uniform_(-bound, bound)
     model.wte.register_forward_hook(noisy)
 
@@ -162,45 +162,40 @@ def cached_pass(model: GPT, idx, pos, mask, cache, start: int):
 @torch.no_grad()
 def generate_batch(model: GPT, prompts, max_new_tokens: int, temperature=0.0, top_k=None,
                    eos_id=None) -> list:
-    """generate() for prompts (id lists, any lengths) at once, KV-cached: each one's new ids.
-    generate() runs the loop; the model it calls reads only the new tokens, from the cache."""
+    """generate() for prompts (id lists, any lengths) at once, KV-cached: each one's new ids."""
     c = model.config
     device = model.wte.weight.device
     prompts = [p[-(c.n_positions - 1):] for p in prompts]  # an over-long prompt keeps its newest
     # each row's own budget: its new tokens end where its positions reach the context's end
-    budgets = torch.tensor([min(max_new_tokens, c.n_positions - len(p)) for p in prompts])
+    budgets = [min(max_new_tokens, c.n_positions - len(p)) for p in prompts]
     P = max(map(len, prompts))
-    S = P + int(budgets.max())  # cache columns: the longest prompt, then the largest budget
+    S = P + max(budgets)  # cache columns: the longest prompt, then the largest budget
     pads = torch.tensor([P - len(p) for p in prompts], device=device)[:, None]  # (B, 1)
     column = torch.arange(S, device=device)
     # (B, S): each row's positions start at its first token; a row past its budget repeats its
     # last position, and what it generates there is dropped
     pos = (column - pads).clamp(0, c.n_positions - 1)
     causal = column[None, :] <= column[:, None]  # (S, S): a query sees keys up to its own
-    # (B, 1, S, S): causal and no padding; a pad query sees itself, so no row is all -inf
+    # (B, S, S): causal and no padding; a pad query sees itself, so no row is all -inf
     mask = (causal & (column >= pads)[:, None, :]) | torch.eye(S, dtype=torch.bool, device=device)
-    mask = mask[:, None]
     cache = torch.empty(c.n_layer, 2, len(prompts), c.n_head, S, c.n_embd // c.n_head,
                         device=device, dtype=model.wte.weight.dtype)
-    finished = torch.full((1, c.vocab_size), float("-inf"), device=device)
-    if eos_id is not None:
-        finished[0, eos_id] = 0.0  # logits that make every choice end-of-text
-    budgets = budgets.to(device)
-
+    ends = torch.tensor(budgets, device=device)
+    # generate() runs the loop; the "model" it calls reads only the new tokens, from the cache
     def next_logits(idx):  # idx (B, P + new so far) -> (B, 1, vocab), as model(idx)[:, -1:]
         end = idx.shape[1]
         start = 0 if end == P else end - 1  # the prompts first, then one new token a pass
         logits = cached_pass(model, idx[:, start:], pos[:, start:end],
-                             mask[:, :, start:end, :end], cache, start)
+                             mask[:, None, start:end, :end], cache, start)
         new = idx[:, P:]
-        if eos_id is not None:  # a row at its end, or its budget, answers end-of-text from now on
-            done = (new == eos_id).any(dim=1) | (new.shape[1] >= budgets)
-            logits[done] = finished
+        if eos_id is not None:  # a row at its end or its budget answers end-of-text from now on
+            done = (new == eos_id).any(dim=1) | (new.shape[1] >= ends)
+            logits[done] = float("-inf")
+            logits[done, :, eos_id] = 0.0
         return logits
-
     x = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # left-padded
-    rows = generate(next_logits, x, int(budgets.max()), S, temperature, top_k, eos_id)
-    rows = [r[:budget] for r, budget in zip(rows[:, P:].tolist(), budgets.tolist())]
+    rows = generate(next_logits, x, max(budgets), S, temperature, top_k, eos_id)[:, P:].tolist()
+    rows = [r[:budget] for r, budget in zip(rows, budgets)]
     return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
 
 # ---------------- safetensors
@@ -214,7 +209,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "U8": torch.uint8, "BOOL": torch.bool}
 
 def _tensors(path, size: int) -> dict:
-    """The header, then each tensor: a known dtype, its bytes inside the data, its shape's size."""
+    """The header, then each tensor: a known dtype, a byte range in the data that fits its shape."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")  # the header's length, then n bytes of JSON
         if size < 8 or 8 + n > size:
@@ -234,7 +229,7 @@ def _tensors(path, size: int) -> dict:
             raise ValueError(f"tensor {name}: bytes {begin} to {end} cannot hold {dtype} {shape}")
         t = data[begin:end]
         if t.storage_offset() % dtype.itemsize:
-            t = t.clone()  # a view must start at a multiple of its item size: copy a misaligned one
+            t = t.clone()  # a view must start at a multiple of its item size
         tensors[name] = t.view(dtype).view(shape)
     return tensors
 
@@ -247,9 +242,9 @@ def read_safetensors(path) -> dict:
         raise ValueError(f"{path}: not a valid safetensors file ({reason})") from None
 
 def _atomic_write(path, write, check=lambda tmp: None):
-    """write(f) to a temp file, fsync, check(temp), rename over path: never a half or bad file."""
+    """write(f) to a temp file, fsync, check(temp), rename over path: never a half file."""
     root, extension = os.path.splitext(path)
-    tmp = f"{root}.tmp{extension}"  # one fixed name: a killed write is overwritten, never piles up
+    tmp = f"{root}.tmp{extension}"  # a fixed name: killed writes never pile up
     try:
         with open(tmp, "wb") as f:  # a new file's mode follows the umask
             write(f)
@@ -267,7 +262,7 @@ def write_text(path, text: str):
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None):
-    """{name: tensor} -> a .safetensors file; the header is padded so tensors are 8-byte aligned."""
+    """{name: tensor} -> a .safetensors file, the tensors 8-byte aligned."""
     header = {"__metadata__": metadata} if metadata else {}
     dtype_names = {t: name for name, t in DTYPES.items()}
     blobs = [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in tensors.values()]
@@ -288,8 +283,8 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
 # ---------------- Hugging Face checkpoints
 ALIASES = {a: f"openai-community/{a}" for a in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, never "." or ".."
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 DOWNLOAD_TIMEOUT = 60  # seconds to wait for the server's next bytes
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 def cache_dir(*parts) -> str:
     """$XDG_CACHE_HOME/gpt2-sft/... (default ~/.cache/gpt2-sft/...)."""
@@ -325,7 +320,7 @@ def download(url: str, dest: str, check, hint: str):
     with response:
         _atomic_write(dest, lambda f: _copy_body(response, f, url), check_download)
 
-# GPT-2 options of transformers that this model has one way: a checkpoint set otherwise is refused
+# transformers' GPT-2 options this model has one way: a checkpoint set otherwise is refused
 GPT2_ONLY = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
              "tie_word_embeddings": (True,), "scale_attn_weights": (True,),
              "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,)}

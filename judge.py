@@ -1,5 +1,5 @@
-"""Scoring with a judge (the book's 7.8): the book's prompt and the request to Ollama first; below
-the divider OpenAI-compatible servers, failures in one line, scores read out of replies."""
+"""Scoring with a judge (the book's 7.8): the book's prompt and the request to Ollama; below the
+divider OpenAI-compatible servers, failures in one line, scores read out of replies."""
 JUDGE = "llama3"
 TIMEOUT = 300  # seconds for a whole reply; the first also waits for Ollama to load the model
 
@@ -14,7 +14,7 @@ def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
     """One chat turn with Ollama's /api/chat, answered as one JSON object ("stream": false), as
     deterministic as the book's; num_predict caps the reply (the score comes first)."""
     url = server(url)
-    if is_openai(url):  # LM Studio, llama.cpp, vLLM, OpenAI: below the divider
+    if is_openai(url):  # an OpenAI-compatible server: below the divider
         return query_openai(prompt, model, url, timeout)
     options = {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False,
@@ -24,8 +24,8 @@ def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
 
 # ================ the tool: OpenAI-compatible servers, failures in one line, the check, scores
 import hashlib, http.client, json, os, re, sys, urllib.error, urllib.request
+CHECK_TIMEOUT = 10  # seconds: a server that is up lists its models at once
 
-CHECK_TIMEOUT = 10
 def server(url=None) -> str:
     """--url, else OLLAMA_HOST (host:port or a URL), else localhost:11434."""
     url = url or os.environ.get("OLLAMA_HOST") or "localhost:11434"
@@ -34,7 +34,7 @@ def server(url=None) -> str:
     return url.rstrip("/")
 
 def is_openai(url: str) -> bool:
-    """A URL ending in /v1 is an OpenAI-compatible server's (LM Studio, llama.cpp, vLLM, OpenAI)."""
+    """A URL ending in /v1 is an OpenAI-compatible server's."""
     return url.endswith("/v1")
 
 def query_openai(prompt: str, model: str, url: str, timeout: float) -> str:
@@ -45,16 +45,14 @@ def query_openai(prompt: str, model: str, url: str, timeout: float) -> str:
     return content(url, reply)
 
 def content(url: str, reply) -> str:
-    """The message content of a chat reply: {"message": {...}} or {"choices": [{"message": ...}]}."""
+    """A chat reply's content: {"message": {...}} or {"choices": [{"message": {...}}]}."""
     try:
         message = reply["choices"][0]["message"] if is_openai(url) else reply["message"]
-        text = message["content"]
+        if isinstance(message["content"], str):
+            return message["content"]
     except (TypeError, KeyError, IndexError):
-        text = None
-    if not isinstance(text, str):
-        raise ValueError(f"{who(url)} sent a chat reply without message content")
-    return text
-  # seconds for the check: a server that is up lists its models at once
+        pass
+    raise ValueError(f"{who(url)} sent a chat reply without message content")
 
 def who(url: str) -> str:
     return f"the server at {url}" if is_openai(url) else f"Ollama at {url}"
@@ -118,10 +116,8 @@ STATED = re.compile(WORD + NUMBER + OUT_OF, re.IGNORECASE)
 PER_100 = re.compile(NUMBER + r"\s*(?:/|out of)\s*100\b", re.IGNORECASE)  # "85/100"
 
 def parse_score(reply: str):
-    """The 0-100 score a judge's reply states, else None. Stated: a first line that is a number
-    ("85", "**85**.", "8/10" as 80), a number after score, rate, rating or give ("rate it 7 out
-    of 10" as 70), or N/100 anywhere. Numbers elsewhere (1/2 in a formula, 5 out of 5 parts,
-    24/7) are content. Two stated scores that differ, or one outside 0-100, give None."""
+    """The 0-100 score a reply states: a first line that is a number ("**85**.", "8/10" as 80), a
+    number after score, rate or give ("7 out of 10"), or N/100; two that differ, or none: None."""
     stated = [m.groups() for m in STATED.finditer(reply)]
     stated += [(number, "100") for number in PER_100.findall(reply)]
     bare = BARE.match(reply)
@@ -137,8 +133,8 @@ def parse_score(reply: str):
     return int(score) if score.is_integer() else score
 
 def score_all(prompts: list, journal: str, model=JUDGE, url=None, timeout=TIMEOUT) -> list:
-    """Each prompt's score (None: none stated), appended to journal with its reply as it comes, so a
-    rerun asks only what is missing. A key is the judge and the prompt, which holds the response."""
+    """Each prompt's score (None: none stated), journaled with its reply as it comes: a rerun asks
+    only what is missing. A key is the judge and the prompt, which holds the response."""
     keys = [hashlib.sha1(f"{model}\n{p}".encode()).hexdigest()[:16] for p in prompts]
     known = {}
     with open(journal, "a+", encoding="utf-8") as f:  # first: an unwritable folder fails at once
@@ -153,7 +149,7 @@ def score_all(prompts: list, journal: str, model=JUDGE, url=None, timeout=TIMEOU
         if lines and not lines.endswith("\n"):  # a kill mid-line: the next record starts anew
             f.write("\n")
         if any(key not in known for key in keys):
-            preflight(model, url)  # the server is up and has the judge, before the first question
+            preflight(model, url)  # before the first question
         try:
             for i, (key, prompt) in enumerate(zip(keys, prompts)):
                 if key not in known:

@@ -3,23 +3,18 @@ from gpt import generate  # first: gpt quiets torch's warning about a missing nu
 import torch
 from torch.utils.data import Dataset
 
-# ---------------- data: prompts (7.2, exercise 7.1), the split, the dataset and its batches (7.3)
+# ---------------- data: prompts and the split (7.2), the dataset and its batches (7.3)
 def format_input(entry):
-    """The book's Alpaca prompt: the instruction, then the input if there is one. The response
-    marker follows it in the training text; in an answer the model writes it."""
+    """The book's Alpaca prompt: the instruction, then the input if any (no response marker)."""
     instruction_text = ("Below is an instruction that describes a task. Write a response that "
                         "appropriately completes the request."
                         f"\n\n### Instruction:\n{entry['instruction']}")
-    input_text = ""
-    if entry.get("input"):  # an empty or missing input adds nothing
-        input_text = f"\n\n### Input:\n{entry['input']}"
+    input_text = f"\n\n### Input:\n{entry['input']}" if entry.get("input") else ""
     return instruction_text + input_text
 
 def format_input_phi(entry):
-    """Exercise 7.1: the Phi-3 style; its response marker is <|assistant|>: on a line of its own."""
-    input_text = ""
-    if entry.get("input"):
-        input_text = f"\n{entry['input']}"
+    """Exercise 7.1: the Phi-3 prompt; its marker is <|assistant|>: on a line of its own."""
+    input_text = f"\n{entry['input']}" if entry.get("input") else ""
     return f"<|user|>\n{entry['instruction']}" + input_text
 
 def split(data) -> tuple:
@@ -40,13 +35,10 @@ class InstructionDataset(Dataset):
         self.encoded_texts = []
         self.instruction_lengths = []  # the prompt's tokens, without the marker (exercise 7.2)
         for entry in data:
-            if style == "phi3":
-                instruction_plus_input = format_input_phi(entry)
-                response_text = f"\n<|assistant|>:\n{entry['output']}"
-            else:
-                instruction_plus_input = format_input(entry)
-                response_text = f"\n\n### Response:\n{entry['output']}"
-            full_text = instruction_plus_input + response_text
+            phi3 = style == "phi3"  # exercise 7.1
+            instruction_plus_input = format_input_phi(entry) if phi3 else format_input(entry)
+            marker = "\n<|assistant|>:\n" if phi3 else "\n\n### Response:\n"
+            full_text = instruction_plus_input + marker + entry["output"]
             self.encoded_texts.append(tokenizer.encode_ordinary(full_text))
             self.instruction_lengths.append(len(tokenizer.encode_ordinary(instruction_plus_input)))
 
@@ -140,18 +132,14 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
 
 # ---------------- answers (7.7)
 def respond(model, test_data, tokenizer, device, style="alpaca", max_new_tokens=256) -> list:
-    """The book's loop over test_data: each entry's greedy answer, the generated text after the
-    prompt with the model's response marker taken out."""
+    """The book's loop over test_data: each greedy answer, the text after the prompt, unmarked."""
     model.eval()
     context_size = model.pos_emb.weight.shape[0]
     answers = []
     for entry in test_data:
-        if style == "phi3":
-            input_text = format_input_phi(entry)
-            marker = "<|assistant|>:"
-        else:
-            input_text = format_input(entry)
-            marker = "### Response:"
+        phi3 = style == "phi3"  # exercise 7.1
+        input_text = format_input_phi(entry) if phi3 else format_input(entry)
+        marker = "<|assistant|>:" if phi3 else "### Response:"
         idx = torch.tensor([tokenizer.encode_ordinary(input_text)], device=device)
         token_ids = generate(model, idx, max_new_tokens, context_size, eos_id=50256)
         generated_text = tokenizer.decode(token_ids[0].tolist())
@@ -162,17 +150,14 @@ def respond(model, test_data, tokenizer, device, style="alpaca", max_new_tokens=
 import argparse, copy, hashlib, json, math, os, shutil, sys, time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 import gpt
 import judge
 import tiktoken
 
-EOT = gpt.EOT  # pads the batches, and is the one end target each row keeps
 IGNORE = -100  # targets that cross_entropy skips (its default ignore_index)
 STYLES = {"alpaca": (format_input, "### Response:"), "phi3": (format_input_phi, "<|assistant|>:")}
-DATA = os.path.join(gpt.HERE, "data", "instruction-data.json")  # the book's 1,100 entries (Apache-2.0)
-CURVE_ROWS = 8  # validation rows each point of the curve measures, the same ones every time
+DATA = os.path.join(gpt.HERE, "data", "instruction-data.json")  # the book's 1,100 entries
 
 def log(message):  # progress and notes go to stderr; answers and scores to stdout
     print(message, file=sys.stderr, flush=True)
@@ -182,7 +167,7 @@ def flag(default, help):
 
 @dataclass
 class TrainConfig:
-    model: str = flag("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a folder, or tiny (random)")
+    model: str = flag("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a folder, or tiny")
     data: str = flag(DATA, "a JSON list of entries: a path or URL (default: the book's)")
     out: str = flag(None, "the run folder (default: runs/<model name>)")
     style: str = flag("alpaca", "prompt style (exercise 7.1)")
@@ -210,7 +195,7 @@ class TrainConfig:
             self.lr = 1e-3 if self.model == "tiny" else 5e-5  # tiny starts from random weights
         if self.out is None:
             self.out = os.path.join("runs", os.path.basename(self.model.rstrip("/")))
-        for f in fields(self):  # numbers must be positive; those that switch something off may be 0
+        for f in fields(self):  # numbers are positive; those that switch a thing off may be 0
             value = getattr(self, f.name)
             may_be_zero = f.default == 0 or f.name == "weight_decay"
             if f.type in (int, float) and not (0 < value < math.inf or (may_be_zero and value == 0)):
@@ -252,7 +237,7 @@ def load_entries(source: str = DATA) -> list:
     return read_entries(source)
 
 def tokenizer():
-    """tiktoken's gpt2 encoding, from the BPE files in data/ unless TIKTOKEN_CACHE_DIR is set."""
+    """tiktoken's gpt2 encoding: the BPE files in data/, or in TIKTOKEN_CACHE_DIR."""
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", gpt.TIKTOKEN_CACHE)
     return tiktoken.get_encoding("gpt2")  # it checks the files' hashes
 
@@ -291,22 +276,12 @@ def load_model(name: str, seed: int = 0) -> gpt.GPT:
         return gpt.GPT(gpt.GPTConfig(n_embd=128, n_layer=4, n_head=4))
     return gpt.from_pretrained(name)
 
-def has_target(item, max_length: int) -> bool:
-    """Does the item keep a target to learn once cut and masked?"""
-    targets = collate([item], allowed_max_length=max_length)[1]
-    return bool((targets != IGNORE).any())
-
-def split_entries(source: str, limit: int) -> tuple:
-    """The book's split of the first limit entries (0: all) of a data file, none of them empty."""
-    entries = load_entries(source)[:limit or None]
-    parts = split(entries)
-    if not all(parts):
-        raise ValueError(f"{source}: {len(entries)} entries are too few to split: at least 10")
-    return parts
-
 def prepare_data(cfg, model, enc):
     """The training and validation datasets, and the validation entries."""
-    train_e, val_e, test_e = split_entries(cfg.data, cfg.limit)
+    entries = load_entries(cfg.data)[:cfg.limit or None]
+    train_e, val_e, test_e = split(entries)
+    if not (train_e and val_e and test_e):
+        raise ValueError(f"{cfg.data}: {len(entries)} entries are too few to split: at least 10")
     cfg.max_length = min(cfg.max_length, model.config.n_positions)  # where the position table ends
     train_set = InstructionDataset(train_e, enc, cfg.style, cfg.mask_prompt)
     val_set = InstructionDataset(val_e, enc, cfg.style, cfg.mask_prompt)
@@ -314,7 +289,8 @@ def prepare_data(cfg, model, enc):
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
         f"{cut} cut to --max-length {cfg.max_length}")
     for name, items in (("training", list(train_set)), ("validation", list(val_set))):
-        masked = sum(not has_target(item, cfg.max_length) for item in items)
+        targets = [collate([item], allowed_max_length=cfg.max_length)[1] for item in items]
+        masked = sum(not (row != IGNORE).any() for row in targets)  # cut before the response
         if masked:
             log(f"{masked} of {len(items)} {name} rows keep no target (cut before their response)")
         if masked == len(items):  # a loss over no token: nothing to learn, nothing to measure
@@ -325,8 +301,7 @@ def prepare_data(cfg, model, enc):
     return train_set, val_set, val_e
 
 def autocast_training(model, device: torch.device):
-    """bf16 autocast around each forward that is differentiated (a training step's); the weights
-    and AdamW stay fp32, and validation and generation, under no_grad, run in fp32."""
+    """bf16 autocast on the differentiated forwards only: validation and answers run in fp32."""
     forward = model.forward
     def forward_in_bf16(*args, **kwargs):
         with torch.autocast(device.type, torch.bfloat16, enabled=torch.is_grad_enabled()):
@@ -377,8 +352,9 @@ RESPONSES = "instruction-data-with-response"  # eval's file; the judge's files b
 RUN_FILES = ("model.safetensors", "config.json", *gpt.TOKENIZER_FILES, "metrics.jsonl", "loss.svg",
              "run.json")
 
-def claim_out(out: str):
-    """Before the model loads: --out must be writable; its old answers and scores go."""
+def claim_out(out: str) -> str:
+    """Before the model loads: --out must be writable; its old answers and scores go. Returns
+    what it holds until this run's first save: the earlier run's epoch, or nothing."""
     try:
         os.makedirs(out, exist_ok=True)
         for name in os.listdir(out):
@@ -388,9 +364,6 @@ def claim_out(out: str):
         raise ValueError(f"cannot write the run folder {out} ({e.strerror}); pick another --out")
     if not os.access(out, os.W_OK):
         raise ValueError(f"cannot write the run folder {out}; pick another --out")
-
-def held_before(out: str) -> str:
-    """What --out holds until this run's first save: the earlier run's epoch, or nothing."""
     try:
         with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
             epoch = json.load(f)["epochs_done"]
@@ -399,8 +372,7 @@ def held_before(out: str) -> str:
     return f"no epoch of this run finished; {out} still holds the earlier run's epoch {epoch}"
 
 def save_run(model, cfg, metrics: list, steps_per_epoch: int, done: dict):
-    """Every file under a temp name first, then the renames, run.json last: no two runs mixed.
-    done: what run.json adds to the settings (the epoch, the whole validation set's loss)."""
+    """Every file to .saving first, then the renames, run.json (settings + done) last."""
     staging = os.path.join(cfg.out, ".saving")
     if cfg.lora_rank:  # a copy with the adapters folded in (a plain GPT-2); training goes on
         model = gpt.merge_lora(copy.deepcopy(model))
@@ -416,17 +388,8 @@ def save_run(model, cfg, metrics: list, steps_per_epoch: int, done: dict):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-def loaders(cfg, train_set, val_set) -> tuple:
-    """The book's DataLoaders: training shuffled by --seed (the last partial batch dropped)."""
-    collate_fn = partial(collate, allowed_max_length=cfg.max_length)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True,
-                              generator=shuffle, collate_fn=collate_fn)
-    return train_loader, DataLoader(val_set, cfg.batch_size, collate_fn=collate_fn)
-
 def lr_factor(step: int, steps: int, warmup_steps=0, cosine=False) -> float:
-    """Appendix D, in transformers' conventions: the rate's multiplier at update step 0 ..
-    steps - 1, a linear warmup from 0, then 1 or a cosine to 0."""
+    """Appendix D, as transformers: the rate's factor at step 0 .. steps - 1, warmup then cosine."""
     if step < warmup_steps:
         return step / warmup_steps
     if not cosine:
@@ -434,21 +397,22 @@ def lr_factor(step: int, steps: int, warmup_steps=0, cosine=False) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (steps - warmup_steps)))
 
 def loss_and_backward(model, micro_batches, device) -> tuple:
-    """The gradients of the mean loss over all micro-batches' targets, as one batch of their rows
-    (accumulation, for exercise 7.3's 52k set). (summed loss, target count), kept on the device."""
+    """Gradients of the mean loss over all the micro-batches' targets, as one batch of their rows
+    (accumulation); returns the summed loss and the target count, on the device."""
     batches = [(inputs.to(device), targets.to(device)) for inputs, targets in micro_batches]
     count = sum((targets != IGNORE).sum() for _, targets in batches)
     summed = torch.zeros((), device=device)
     for inputs, targets in batches:
         logits = model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                 reduction="sum")
         (loss / count.clamp(min=1)).backward()  # a step without targets: no gradient, no NaN
         summed += loss.detach()
     return summed, count
 
 def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, after_epoch):
-    """The tool's train_model_simple: accumulation, appendix D's warmup, cosine and clipping; a
-    report's train loss is its steps' own (no second pass); after_epoch(epoch, reports) saves."""
+    """The tool's train_model_simple: accumulation, appendix D's schedule and clipping, a report's
+    train loss its own steps' (no second pass), and after_epoch(epoch, reports)."""
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     params = [p for p in model.parameters() if p.requires_grad]
     reports = []
@@ -467,40 +431,32 @@ def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, afte
                 group["lr"] = lr
             optimizer.zero_grad()
             window.append(loss_and_backward(model, micro_batches, device))
-            reporting = step % cfg.eval_every == 0
             if cfg.max_grad_norm:  # the global norm, before clipping
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            elif reporting:
+            elif step % cfg.eval_every == 0:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             optimizer.step()
             tokens_seen += sum(inputs.numel() for inputs, _ in micro_batches)
-            if reporting:
-                summed = sum(s for s, _ in window)
-                counted = sum(n for _, n in window)
-                window = []
+            if step % cfg.eval_every == 0:
                 model.eval()  # validation without NEFTune's noise
-                report = dict(step=step, epoch=epoch, lr=lr, grad_norm=norm.item(),
-                              tokens=tokens_seen, train_loss=(summed / counted).item(),
-                              val_loss=calc_loss_loader(val_loader, model, device, eval_iter),
-                              seconds=round(time.time() - started, 2))
+                val_loss = calc_loss_loader(val_loader, model, device, eval_iter)
                 model.train()
-                check_report(report)
-                reports.append(report)
+                counted = sum(n for _, n in window)  # 0: no target since the last report, NaN
+                train_loss = (sum(s for s, _ in window) / counted).item()
+                window = []
+                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                    raise ValueError(f"training diverged, or had no target (loss {train_loss}, "
+                                     f"step {step}): lower the rate")
+                log(f"epoch {epoch}, step {step}: train loss {train_loss:.3f} (its steps since "
+                    f"the last report), validation loss {val_loss:.3f}")
+                reports.append(dict(step=step, epoch=epoch, lr=lr, grad_norm=norm.item(),
+                                    tokens=tokens_seen, train_loss=train_loss, val_loss=val_loss,
+                                    seconds=round(time.time() - started, 2)))
             step += 1
         after_epoch(epoch, reports)
 
-def check_report(report: dict):
-    """Log a report; a loss that is not finite (diverged, or no target to measure) stops the run."""
-    train_loss = report["train_loss"]
-    val_loss = report["val_loss"]
-    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-        raise ValueError(f"training diverged, or had no target (loss {train_loss}, step "
-                         f"{report['step']}): lower the rate")
-    log(f"epoch {report['epoch']}, step {report['step']}: train loss {train_loss:.3f} (its steps "
-        f"since the last report), validation loss {val_loss:.3f}")
-
 def train(cfg: TrainConfig):
-    claim_out(cfg.out)  # first: an unwritable --out must not cost a training
+    before = claim_out(cfg.out)  # first: an unwritable --out must not cost a training
     enc = tokenizer()
     device = pick_device(cfg.device)
     if cfg.precision == "auto":  # run.json keeps what it trained in
@@ -516,18 +472,19 @@ def train(cfg: TrainConfig):
         autocast_training(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in model.parameters())
-    log(f"model: {cfg.model} on {device} in {cfg.precision}, {trainable:,} trainable of {total:,}"
-        " parameters")
+    log(f"model: {cfg.model} on {device} in {cfg.precision}, {trainable:,} trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    train_loader, val_loader = loaders(cfg, train_set, val_set)
+    collate_fn = partial(collate, allowed_max_length=cfg.max_length)
+    shuffle = torch.Generator().manual_seed(cfg.seed)  # the batch order: --seed's
+    train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True,
+                              generator=shuffle, collate_fn=collate_fn)
+    val_loader = DataLoader(val_set, cfg.batch_size, collate_fn=collate_fn)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
-    eval_iter = math.ceil(CURVE_ROWS / cfg.batch_size)  # the curve's batches: the same each time
+    eval_iter = math.ceil(8 / cfg.batch_size)  # the curve: the first 8 rows or more
     curve_rows = min(eval_iter * cfg.batch_size, len(val_set))
     log(f"training: lr {cfg.lr:g}, effective batch {cfg.batch_size * cfg.grad_accum} "
         f"({cfg.batch_size} x {cfg.grad_accum}), {steps_per_epoch * cfg.epochs} steps; validation "
         f"on {curve_rows} rows at each report, on all {len(val_set)} after each epoch")
-    before = held_before(cfg.out)
     saved = []
     started = time.time()
     def save(epoch, reports):  # after each epoch: the whole validation set, then the run folder
@@ -557,10 +514,11 @@ def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=Fal
     for k in range(0, len(order), 32):
         chunk = order[k:k + 32]
         chunk_prompts = [prompts[i] for i in chunk]
-        new_ids = gpt.generate_batch(model, chunk_prompts, max_new_tokens, eos_id=EOT, **sampling)
+        new_ids = gpt.generate_batch(model, chunk_prompts, max_new_tokens, eos_id=gpt.EOT,
+                                     **sampling)
         for i, ids in zip(chunk, new_ids):  # back in the entries' order
             answers[i] = enc.decode(ids).replace(marker, "").strip()
-        if progress:  # minutes for gpt2-medium on a CPU
+        if progress:
             log(f"answered {k + len(chunk)} of {len(prompts)}")
     return answers
 
@@ -579,14 +537,14 @@ def load_run(out: str, device: str):
     return model.to(pick_device(device)), cfg
 
 def generate_command(a):
-    """generate: answers alone on stdout; no instruction: one per line of stdin, as each comes."""
+    """generate: answers alone on stdout; no instruction: one per line of stdin."""
     if a.temperature < 0 or (a.top_k is not None and a.top_k < 1):
         raise ValueError("--temperature must be 0 or more, and --top-k 1 or more")
     model, cfg = load_run(a.out, a.device)  # once, however many instructions follow
     enc = tokenizer()
     top_k = None if a.top_k is None else min(a.top_k, model.config.vocab_size)
     chat = a.instruction is None
-    if chat and sys.stdin.isatty():  # a prompt on a terminal; in a pipe, nothing but the answers
+    if chat and sys.stdin.isatty():  # in a pipe, nothing but the answers
         log("instructions, one per line (Ctrl-D ends):")
     for line in sys.stdin if chat else [a.instruction]:
         entry = {"instruction": line.rstrip("\n"), "input": a.input}
@@ -598,7 +556,7 @@ def generate_command(a):
         print(answer_text, flush=True)
 
 def judge_file(path: str, key: str, a):
-    """Score every entry's response; X-scores.json beside X.json holds each entry with its score."""
+    """Score every entry's response into X-scores.json beside X.json."""
     entries = read_entries(path)
     for i, e in enumerate(entries):
         if not isinstance(e.get(key), str):
@@ -607,7 +565,7 @@ def judge_file(path: str, key: str, a):
     stem = path.removesuffix(".json")
     scores = judge.score_all(prompts, stem + "-scores.jsonl", a.judge, a.url, a.timeout)
     entries = [{**e, "score": score} for e, score in zip(entries, scores)]
-    scored = [e["score"] for e in entries if e["score"] is not None]  # None: no score in the reply
+    scored = [e["score"] for e in entries if e["score"] is not None]  # None: none stated
     average = sum(scored) / len(scored) if scored else None  # None: nothing to average
     result = {"judge": a.judge, "average": average, "scored": len(scored), "total": len(entries)}
     gpt.write_text(stem + "-scores.json", json.dumps({**result, "entries": entries}, indent=2))
@@ -620,7 +578,7 @@ def eval_command(a):
         judge.preflight(a.judge, a.url)
     except ValueError as e:  # said now, not after minutes of answering
         log(f"warning: {e}; the responses will still be generated and saved")
-    test = split_entries(cfg.data, cfg.limit)[2]
+    test = split(load_entries(cfg.data)[:cfg.limit or None])[2]  # train has checked the split
     responses = answer(model, test, tokenizer(), cfg.style, progress=True)
     path = os.path.join(a.out, RESPONSES + ".json")
     answered = [{**e, "model_response": r} for e, r in zip(test, responses)]
@@ -628,13 +586,12 @@ def eval_command(a):
     for e in answered[:3]:  # as the book shows them
         log(f"\n{e['instruction']}\n\nCorrect response:\n>> {e['output']}\n\n"
             f"Model response:\n>> {e['model_response']}\n{'-' * 40}")
-    empty = sum(not r.strip() for r in responses)
-    log(f"{len(test)} test responses -> {path}; {empty} of them empty")
-    later = f"the responses are saved: score them with python sft.py judge {path}"
+    log(f"{len(test)} test responses -> {path}; {responses.count('')} of them empty")
     try:
         judge_file(path, "model_response", a)
-    except (ValueError, OSError) as e:  # the scores so far are kept: the same command asks the rest
-        raise ValueError(f"{e}; {later}") from None
+    except (ValueError, OSError) as e:  # the scores so far are kept: a rerun asks the rest
+        raise ValueError(f"{e}; the responses are saved: score them with python sft.py judge "
+                         f"{path}") from None
 
 def run_cli(command, *args):
     """Run a command: a user error or Ctrl-C is one line on stderr and a non-zero exit."""

