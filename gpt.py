@@ -76,7 +76,7 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         for block in self.h:
             x = block(x)
-        # the head is tied to the token embedding, as GPT-2's (the book trains a copy, out_head)
+        # the head is tied to the token embedding, as GPT-2's (the book trains a copy)
         return F.linear(self.ln_f(x), self.wte.weight)
 
 # ---------------- generation (chapter 5)

@@ -354,7 +354,7 @@ RUN_FILES = ("model.safetensors", "config.json", *gpt.TOKENIZER_FILES, "metrics.
 
 def claim_out(out: str) -> str:
     """Before the model loads: --out must be writable; its old answers and scores go. Returns
-    what it holds until this run's first save: the earlier run's epoch, or nothing."""
+    what it holds until the first save (an earlier run's epoch, or nothing)."""
     try:
         os.makedirs(out, exist_ok=True)
         for name in os.listdir(out):
