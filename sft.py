@@ -34,8 +34,8 @@ class InstructionDataset(Dataset):
         self.mask_prompt = mask_prompt
         self.encoded_texts = []
         self.instruction_lengths = []  # the prompt's tokens, without the marker (exercise 7.2)
+        phi3 = style == "phi3"  # exercise 7.1
         for entry in data:
-            phi3 = style == "phi3"  # exercise 7.1
             instruction_plus_input = format_input_phi(entry) if phi3 else format_input(entry)
             marker = "\n<|assistant|>:\n" if phi3 else "\n\n### Response:\n"
             full_text = instruction_plus_input + marker + entry["output"]
@@ -136,8 +136,8 @@ def respond(model, test_data, tokenizer, device, style="alpaca", max_new_tokens=
     model.eval()
     context_size = model.pos_emb.weight.shape[0]
     answers = []
+    phi3 = style == "phi3"  # exercise 7.1
     for entry in test_data:
-        phi3 = style == "phi3"  # exercise 7.1
         input_text = format_input_phi(entry) if phi3 else format_input(entry)
         marker = "<|assistant|>:" if phi3 else "### Response:"
         idx = torch.tensor([tokenizer.encode_ordinary(input_text)], device=device)
