@@ -229,7 +229,7 @@ def _tensors(path, size: int) -> dict:
             raise ValueError(f"tensor {name}: bytes {begin} to {end} cannot hold {dtype} {shape}")
         t = data[begin:end]
         if t.storage_offset() % dtype.itemsize:
-            t = t.clone()  # a view must start at a multiple of its item size
+            t = t.clone()  # a view starts at a multiple of its item size
         tensors[name] = t.view(dtype).view(shape)
     return tensors
 
@@ -252,7 +252,7 @@ def _atomic_write(path, write, check=lambda tmp: None):
             os.fsync(f.fileno())
         check(tmp)  # a download's own check, before the file is in place
         os.replace(tmp, path)
-    except OSError as e:  # a full disk or a read-only folder: name the file
+    except OSError as e:  # a full disk, a read-only folder: name the file
         raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):  # whatever failed, no temp file stays behind

@@ -116,8 +116,9 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
             global_step += 1
             if global_step % eval_freq == 0:
                 model.eval()
-                train_losses.append(calc_loss_loader(train_loader, model, device, eval_iter))
-                val_losses.append(calc_loss_loader(val_loader, model, device, eval_iter))
+                with torch.no_grad():  # as the book's evaluate_model
+                    train_losses.append(calc_loss_loader(train_loader, model, device, eval_iter))
+                    val_losses.append(calc_loss_loader(val_loader, model, device, eval_iter))
                 track_tokens_seen.append(tokens_seen)
                 model.train()
                 print(f"Ep {epoch + 1} (Step {global_step:06d}): "
@@ -293,7 +294,7 @@ def prepare_data(cfg, model, enc):
         masked = sum(not (row != IGNORE).any() for row in targets)  # cut before the response
         if masked:
             log(f"{masked} of {len(items)} {name} rows keep no target (cut before their response)")
-        if masked == len(items):  # a loss over no token: nothing to learn, nothing to measure
+        if masked == len(items):  # a loss over no token: nothing to learn
             raise ValueError(f"no {name} row keeps a target after --max-length {cfg.max_length} with "
                              "--mask-prompt: raise --max-length, or train without --mask-prompt")
     if len(train_set) < cfg.batch_size * cfg.grad_accum:
@@ -374,7 +375,7 @@ def claim_out(out: str) -> str:
 def save_run(model, cfg, metrics: list, steps_per_epoch: int, done: dict):
     """Every file to .saving first, then the renames, run.json (settings + done) last."""
     staging = os.path.join(cfg.out, ".saving")
-    if cfg.lora_rank:  # a copy with the adapters folded in (a plain GPT-2); training goes on
+    if cfg.lora_rank:  # a copy with the adapters folded in; training goes on
         model = gpt.merge_lora(copy.deepcopy(model))
     try:
         gpt.save_pretrained(model, staging)
@@ -513,9 +514,8 @@ def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=Fal
     answers = [""] * len(prompts)
     for k in range(0, len(order), 32):
         chunk = order[k:k + 32]
-        chunk_prompts = [prompts[i] for i in chunk]
-        new_ids = gpt.generate_batch(model, chunk_prompts, max_new_tokens, eos_id=gpt.EOT,
-                                     **sampling)
+        new_ids = gpt.generate_batch(model, [prompts[i] for i in chunk], max_new_tokens,
+                                     eos_id=gpt.EOT, **sampling)
         for i, ids in zip(chunk, new_ids):  # back in the entries' order
             answers[i] = enc.decode(ids).replace(marker, "").strip()
         if progress:

@@ -1,11 +1,12 @@
-"""Paste-clean: each function of a chapter part (gpt.py, sft.py, judge.py above their `# ================ the tool`
-divider) that carries a name of the book's chapter-7 code is self-contained -- its own text alone, decorators
-included, exec'd into a namespace standing for the book's file that holds the function it replaces, runs there with
-the book's other names -- and, called as the book calls it, gives the book's value.
+"""Paste-clean: each function of a chapter part (gpt.py, sft.py, judge.py above their divider line
+`# ================ the tool`) that carries a name of the book's chapter-7 code is self-contained -- its own
+text alone, decorators included, exec'd into a namespace standing for the book's file that holds the
+function it replaces, runs there with the book's other names -- and, called as the book calls it, gives the
+book's value.
 
-The book's neighbours below are stand-ins written here from the chapter's description (not the book's code, which
-the tests never read). They are both what a pasted function meets in its book file and the references it is
-compared with; a pasted function replaces the stand-in of its own name in a fresh copy of the namespace."""
+The book's neighbours below are stand-ins written here from the chapter's description (not the book's code,
+which the tests never read). They are what a pasted function meets in its book file, and the references it is
+compared with: a pasted function replaces the stand-in of its own name in a fresh copy of the namespace."""
 import ast, builtins, dis, inspect, json, math, os, re, time, urllib.request
 from functools import partial
 
@@ -22,13 +23,13 @@ from conftest import DATA
 
 ENTRIES = json.loads(DATA.read_text())  # the book's 1,100
 TOKENIZER = sft.tokenizer()
-CONTEXT = 256  # the stand-in GPTModel's context: not GPT-2's 1024, so a function must read it from the model
+CONTEXT = 256  # the stand-in GPTModel's context: not GPT-2's 1024, so a function must read the model's
 
 
-# ---------------- the book's neighbours: gpt_instruction_finetuning.py (and exercise_experiments.py's phi prompt)
+# ---------------- the book's neighbours: gpt_instruction_finetuning.py (exercise_experiments.py's phi prompt)
 def format_input(entry):
-    text = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-            f"request.\n\n### Instruction:\n{entry['instruction']}")
+    text = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+            f"the request.\n\n### Instruction:\n{entry['instruction']}")
     return text + (f"\n\n### Input:\n{entry['input']}" if entry["input"] else "")
 
 
@@ -91,13 +92,15 @@ def book_answers(model, test_data, tokenizer, device, max_new_tokens, context_si
 
 # ---------------- the book's neighbours: previous_chapters.py
 class GPTModel(nn.Module):
-    """Stands for the book's GPTModel: forward takes the token ids alone, pos_emb's rows are the context length.
-    Inside, the project's GPT, tiny; the wrapper has no config and no wpe, as the book's model has none."""
+    """Stands for the book's GPTModel: forward takes the token ids alone, pos_emb's rows are the context
+    length. Inside, the project's GPT, tiny; the wrapper has no config and no wpe, as the book's has none."""
     def __init__(self, seed=0, context_length=CONTEXT):
         super().__init__()
         torch.manual_seed(seed)
-        self._gpt = gpt.GPT(gpt.GPTConfig(n_positions=context_length, n_embd=32, n_layer=2, n_head=4))
+        config = gpt.GPTConfig(vocab_size=50257, n_positions=context_length, n_embd=32, n_layer=2, n_head=4)
+        self._gpt = gpt.GPT(config)
         self.modes = []  # model.training at each forward: the book's loop trains, then evaluates in eval mode
+        self.grad_modes = []  # torch.is_grad_enabled() at each forward: the book generates under no_grad
 
     @property
     def pos_emb(self):
@@ -105,6 +108,7 @@ class GPTModel(nn.Module):
 
     def forward(self, in_idx):
         self.modes.append(self.training)
+        self.grad_modes.append(torch.is_grad_enabled())
         return self._gpt(in_idx)
 
 
@@ -198,9 +202,27 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 track_tokens_seen.append(tokens_seen)
-                print(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                print(f"Ep {epoch + 1} (Step {global_step:06d}): "
+                      f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
         generate_and_print_sample(model, tokenizer, device, start_context)
     return train_losses, val_losses, track_tokens_seen
+
+
+class SGD:
+    """A plain gradient step, standing for the book's AdamW: the loop only calls zero_grad() and step(), and
+    torch.optim's first use imports torch._dynamo, seconds of this file's time."""
+    def __init__(self, params, lr):
+        self.params, self.lr = list(params), lr
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        for p in self.params:
+            if p.grad is not None:
+                p -= self.lr * p.grad
 
 
 def load_weights_into_gpt(gpt, params):
@@ -233,10 +255,12 @@ def ollama_evaluate() -> dict:
 
 
 # each chapter function: the module whose chapter part holds it, and the book file holding the one it replaces
-PASTED = {"format_input": (sft, gpt_instruction_finetuning), "format_input_phi": (sft, gpt_instruction_finetuning),
-          "InstructionDataset": (sft, gpt_instruction_finetuning), "collate": (sft, gpt_instruction_finetuning),
-          "respond": (sft, gpt_instruction_finetuning), "calc_loss_batch": (sft, previous_chapters),
-          "calc_loss_loader": (sft, previous_chapters), "train_model_simple": (sft, previous_chapters),
+# (collate stands for custom_collate_fn, respond for main()'s answer loop, judge_prompt for the scoring
+# loop's prompt)
+PASTED = {**{name: (sft, gpt_instruction_finetuning)
+             for name in ("format_input", "format_input_phi", "InstructionDataset", "collate", "respond")},
+          **{name: (sft, previous_chapters)
+             for name in ("calc_loss_batch", "calc_loss_loader", "train_model_simple")},
           "generate": (gpt, previous_chapters), "judge_prompt": (judge, ollama_evaluate)}
 
 
@@ -270,12 +294,12 @@ def pasted(name):
     return paste(name)[name]
 
 
-def globals_loaded(code) -> set:
-    """The global names a function's code (and the code nested in it) loads."""
-    names = {i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"}
+def names_in(code, opname) -> set:
+    """The names a function's code (and the code nested in it) loads as globals (LOAD_GLOBAL) or imports."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname == opname}
     for constant in code.co_consts:
         if inspect.iscode(constant):
-            names |= globals_loaded(constant)
+            names |= names_in(constant, opname)
     return names
 
 
@@ -291,11 +315,15 @@ def test_each_book_name_is_defined_in_its_modules_chapter_part_and_is_what_the_m
 def test_a_pasted_function_loads_no_global_but_its_book_files_names_and_builtins(name):
     namespace = paste(name)  # a NameError here: its decorators or defaults need something of ours
     thing = namespace[name]
-    functions = [f for f in vars(thing).values() if inspect.isfunction(f)] if inspect.isclass(thing) else [thing]
+    functions = [thing]
+    if inspect.isclass(thing):  # its methods
+        functions = [f for f in vars(thing).values() if inspect.isfunction(f)]
     for function in map(inspect.unwrap, functions):  # under torch.no_grad's wrapper, the pasted code
         assert function.__globals__ is namespace
-        missing = globals_loaded(function.__code__) - set(namespace) - set(dir(builtins))
+        missing = names_in(function.__code__, "LOAD_GLOBAL") - set(namespace) - set(dir(builtins))
         assert not missing, f"{name} needs {missing}, which its book file lacks"
+        imported = names_in(function.__code__, "IMPORT_NAME") & {"gpt", "sft", "judge"}
+        assert not imported, f"{name} imports {imported}"
 
 
 # ---------------- ... and the book's value in the book's call
@@ -334,7 +362,7 @@ def test_collate_pasted_in_the_books_partial_batches_as_custom_collate_fn(allowe
 
 def test_calc_loss_batch_pasted_gives_the_books_loss_and_gradients():
     model = GPTModel(seed=1)
-    inputs, targets = custom_collate_fn(masked_items(ENTRIES[:4], TOKENIZER))  # -100s: padding and prompts
+    inputs, targets = custom_collate_fn(masked_items(ENTRIES[:3], TOKENIZER))  # -100s: padding and prompts
     results = []
     for loss_fn in (pasted("calc_loss_batch"), calc_loss_batch):
         model.zero_grad(set_to_none=True)
@@ -348,11 +376,11 @@ def test_calc_loss_batch_pasted_gives_the_books_loss_and_gradients():
 
 def test_calc_loss_loader_pasted_is_the_mean_of_the_first_batches_means_and_nan_when_empty():
     model = GPTModel(seed=1)
-    items = list(InstructionDataset(ENTRIES[:11], TOKENIZER))  # batches of 4, 4 and 3 rows of unlike lengths
-    loader = DataLoader(items, batch_size=4, collate_fn=custom_collate_fn)
+    items = list(InstructionDataset(ENTRIES[:5], TOKENIZER))  # 74, 59, 44, 61 and 58 ids
+    loader = DataLoader(items, batch_size=2, collate_fn=custom_collate_fn)  # 133, 105 and 58 targets
     means = [calc_loss_batch(x, y, model, "cpu").item() for x, y in loader]
     ours = pasted("calc_loss_loader")
-    assert ours(loader, model, "cpu") == sum(means) / 3
+    assert ours(loader, model, "cpu") == sum(means) / 3  # not the mean over all targets
     assert ours(loader, model, "cpu", num_batches=2) == (means[0] + means[1]) / 2
     assert ours(loader, model, "cpu", num_batches=99) == sum(means) / 3
     assert math.isnan(ours(DataLoader([], batch_size=4, collate_fn=custom_collate_fn), model, "cpu"))
@@ -363,62 +391,77 @@ def model_with_leftover_gradients(seed=1, context_length=CONTEXT):
     model = GPTModel(seed, context_length)
     inputs, targets = custom_collate_fn([TOKENIZER.encode("leftover gradients")])
     calc_loss_batch(inputs, targets, model, "cpu").backward()
-    model.modes = []
+    model.modes, model.grad_modes = [], []
     return model
 
 
 def book_training(train_fn, train_items, val_items, capsys, context_length=CONTEXT, epochs=2, eval_freq=2,
                   eval_iter=2, start_context="Rewrite the sentence."):
-    """The book's training call with train_fn: (its curves, what it printed, the weights, the forwards' modes)."""
+    """The book's training call, with train_fn: (the curves, what it printed, the weights, the forwards'
+    modes and the mode it left the model in)."""
     collate_fn = partial(custom_collate_fn, device="cpu", allowed_max_length=1024)
     torch.manual_seed(123)
-    train_loader = DataLoader(train_items, batch_size=8, collate_fn=collate_fn, shuffle=True, drop_last=True)
-    val_loader = DataLoader(val_items, batch_size=8, collate_fn=collate_fn, shuffle=False, drop_last=False)
+    # the book's loaders, with batches of 4 (the book's 8 would double this file's slowest test)
+    train_loader = DataLoader(train_items, batch_size=4, collate_fn=collate_fn, shuffle=True, drop_last=True)
+    val_loader = DataLoader(val_items, batch_size=4, collate_fn=collate_fn, shuffle=False, drop_last=False)
     model = model_with_leftover_gradients(context_length=context_length)
     torch.manual_seed(123)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    optimizer = SGD(model.parameters(), lr=0.5)
     capsys.readouterr()
-    curves = train_fn(model, train_loader, val_loader, optimizer, "cpu", num_epochs=epochs, eval_freq=eval_freq,
-                      eval_iter=eval_iter, start_context=start_context, tokenizer=TOKENIZER)
+    curves = train_fn(model, train_loader, val_loader, optimizer, "cpu", num_epochs=epochs,
+                      eval_freq=eval_freq, eval_iter=eval_iter, start_context=start_context,
+                      tokenizer=TOKENIZER)
     weights = [p.detach().clone() for p in model.parameters()]
     return curves, capsys.readouterr().out, weights, model.modes + [model.training]
 
 
 def test_train_model_simple_pasted_trains_prints_and_returns_as_the_books_loop(capsys):
-    train_items = list(InstructionDataset(ENTRIES[:25], TOKENIZER))  # 3 batches of 8 an epoch: steps 0 to 5
-    val_items = list(InstructionDataset(ENTRIES[25:30], TOKENIZER))
+    shortest = sorted(InstructionDataset(ENTRIES, TOKENIZER), key=len)[:18]  # 40 to 43 tokens: quick steps
+    train_items, val_items = shortest[:14], shortest[14:]  # 3 batches of 4 an epoch, 2 rows left: steps 0-5
     ours = book_training(pasted("train_model_simple"), train_items, val_items, capsys)
     book = book_training(train_model_simple, train_items, val_items, capsys)
     (train_losses, val_losses, tokens_seen), printed, weights, modes = ours
     assert len(train_losses) == 3 and printed.count("\n") == 5  # steps 0, 2 and 4; a sample after each epoch
+    assert train_losses[-1] < train_losses[0]  # it trained
     assert (train_losses, val_losses, tokens_seen) == book[0]
     assert printed == book[1]
     assert all(torch.equal(a, b) for a, b in zip(weights, book[2]))
     assert modes == book[3]  # train mode for the steps, eval for the losses and the sample, train at the end
 
 
+def peaked(model, scale=20.0):
+    """model with its final LayerNorm's gain scaled up: logits spread over some units, not a random model's
+    tenth of one, so that the temperature and top_k change what a seed samples."""
+    with torch.no_grad():
+        model._gpt.ln_f.weight.mul_(scale)
+    return model
+
+
 @pytest.mark.parametrize("temperature, top_k", [(0.0, None), (0.8, 40), (1.5, None), (1.0, 1)])
 def test_generate_pasted_gives_the_books_ids_greedy_and_sampled_with_a_seed(temperature, top_k):
-    model = GPTModel(seed=3).eval()
+    model = peaked(GPTModel(seed=3).eval())
     prompt = torch.tensor([[464, 3290, 318, 257]])
     results = []
     for generate_fn in (pasted("generate"), generate):
         torch.manual_seed(7)
         results.append(generate_fn(model, prompt, 12, CONTEXT, temperature=temperature, top_k=top_k).tolist())
     assert results[0] == results[1] and len(results[0][0]) == 4 + 12
+    assert not any(model.grad_modes)  # under the book's no_grad: the pasted text kept its decorator
 
 
 def test_generate_pasted_reads_only_the_last_context_size_tokens_and_stops_at_eos():
-    model = GPTModel(seed=3).eval()
+    model = GPTModel(seed=5).eval()
     prompt = torch.tensor([[464, 3290, 318, 257, 1310, 286, 2068, 290]])
     ours = pasted("generate")
     cropped = ours(model, prompt, 6, context_size=5)
     assert cropped.tolist() == generate(model, prompt, 6, context_size=5).tolist()
-    assert cropped.tolist() != ours(model, prompt, 6, context_size=CONTEXT).tolist()  # the crop mattered
-    eos = cropped[0, 8 + 3].item()  # the 4th new token: the book stops before it, at its first appearance
-    stopped = ours(model, prompt, 6, context_size=5, eos_id=eos)
-    assert stopped.tolist() == generate(model, prompt, 6, context_size=5, eos_id=eos).tolist()
-    assert stopped.shape[1] <= 8 + 3
+    full = ours(model, prompt, 6, context_size=CONTEXT)
+    assert cropped.tolist() != full.tolist()  # the crop mattered
+    new = full[0, 8:].tolist()
+    eos = next(token for token in new if token != new[0])  # the book stops before its first appearance
+    stopped = ours(model, prompt, 6, CONTEXT, eos_id=eos)
+    assert stopped.tolist() == generate(model, prompt, 6, CONTEXT, eos_id=eos).tolist()
+    assert 8 < stopped.shape[1] < 8 + 6
 
 
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
@@ -437,38 +480,41 @@ def test_pasted_respond_and_train_model_simple_read_the_context_size_from_the_mo
     answers = pasted("respond")(model, entries, TOKENIZER, "cpu", max_new_tokens=4)
     assert answers == book_answers(model, entries, TOKENIZER, "cpu", 4, context_size=16)
     rows = [TOKENIZER.encode(text) for text in ("Name a color.", "Add 2 and 3.", "Say hello.", "Spell cat.")]
-    train = partial(book_training, train_items=rows * 2, val_items=rows, capsys=capsys, context_length=16,
+    train = partial(book_training, train_items=rows, val_items=rows, capsys=capsys, context_length=16,
                     epochs=1, eval_freq=1, eval_iter=1, start_context=format_input(entries[0]))
     ours, book = train(pasted("train_model_simple")), train(train_model_simple)
-    assert ours[1] == book[1]  # the sample after the epoch: 50 tokens, each from the last 16
+    assert ours[:2] == book[:2]  # the curves, and the epoch's sample: 50 tokens, each from the last 16
 
 
 def test_judge_prompt_pasted_gives_the_books_prompt():
     namespace = paste("judge_prompt")
-    entries = [{**e, "model_response": r} for e, r in zip(ENTRIES[935:939], ("85", "", "It is `x`.\n2", " ok "))]
+    responses = ("85", "", "It is `x`.\n2", " ok ")
+    entries = [{**e, "model_response": r} for e, r in zip(ENTRIES[935:939], responses)]
     assert any(not e["input"] for e in entries) and any(e["input"] for e in entries)
     for entry in entries:
-        book = (f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, score the model "
-                f"response `{entry['model_response']}` on a scale from 0 to 100, where 100 is the best score. "
-                "Respond with the integer number only.")
-        ours = namespace["judge_prompt"](namespace["format_input"](entry), entry["output"], entry["model_response"])
-        assert ours == book
+        book = (f"Given the input `{format_input(entry)}` and correct output `{entry['output']}`, score the "
+                f"model response `{entry['model_response']}` on a scale from 0 to 100, where 100 is the best "
+                "score. Respond with the integer number only.")
+        prompt = namespace["format_input"](entry)  # the book's, in its loop
+        assert namespace["judge_prompt"](prompt, entry["output"], entry["model_response"]) == book
 
 
 # ---------------- the tool's fast path gives the book's generate
 def test_generate_batch_gives_the_books_generate_one_prompt_at_a_time():
-    model = GPTModel(seed=4).eval()
+    model = peaked(GPTModel(seed=4).eval())
     prompts = [[464, 3290, 318], [15496, 995], [40, 1101, 257, 1310, 286, 2068, 290]]  # unlike lengths
 
-    def book_new_ids(prompt, eos_id=None, **sampling):
-        return generate(model, torch.tensor([prompt]), 15, CONTEXT, eos_id=eos_id, **sampling)[0, len(prompt):]
+    def book_new_ids(prompt, eos_id=None, **sampling):  # the book's generate, one prompt, its new ids
+        ids = generate(model, torch.tensor([prompt]), 15, CONTEXT, eos_id=eos_id, **sampling)
+        return ids[0, len(prompt):].tolist()
 
-    greedy = [book_new_ids(p).tolist() for p in prompts]
+    greedy = [book_new_ids(p) for p in prompts]
     assert gpt.generate_batch(model._gpt, prompts, 15) == greedy
-    eos = greedy[0][5]  # one row stops at its 6th new token (or earlier), the others may run on
-    assert gpt.generate_batch(model._gpt, prompts, 15, eos_id=eos) == [book_new_ids(p, eos).tolist() for p in prompts]
+    eos = greedy[0][5]  # the first row stops at its 6th new token or before, another runs on
+    assert any(eos not in row for row in greedy)
+    assert gpt.generate_batch(model._gpt, prompts, 15, eos_id=eos) == [book_new_ids(p, eos) for p in prompts]
     torch.manual_seed(7)
-    book = book_new_ids(prompts[2], temperature=0.8, top_k=40).tolist()
+    book = book_new_ids(prompts[2], temperature=0.8, top_k=40)
     torch.manual_seed(7)
     assert gpt.generate_batch(model._gpt, [prompts[2]], 15, temperature=0.8, top_k=40) == [book]
     assert book != greedy[2]  # the sampling wandered off the greedy path
