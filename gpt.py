@@ -60,7 +60,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        for name, p in self.named_parameters():  # GPT-2's init: N(0, 0.02), biases 0, LayerNorm 1
+        for name, p in self.named_parameters():  # N(0, 0.02), biases 0, LayerNorm 1: for tiny
             if p.ndim == 2:
                 nn.init.normal_(p, std=0.02)
             elif name.endswith("bias"):
@@ -110,7 +110,7 @@ class LoRALinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(base.out_features, rank))  # starts at 0: y = base(x)
 
     def forward(self, x):  # through the rank-r bottleneck
-        return self.base(x) + (x @ self.A.t()) @ self.B.t() * self.scale
+        return self.base(x) + ((x @ self.A.t()) @ self.B.t()) * self.scale
 
 def add_lora(model: GPT, rank: int, alpha: float) -> GPT:
     """Freeze every weight and wrap each Linear of the blocks in a LoRALinear."""

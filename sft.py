@@ -1,5 +1,5 @@
 """Instruction finetuning of GPT-2: the book's chapter 7 first, the tool below the divider."""
-from gpt import generate  # first: gpt quiets torch's warning about a missing numpy
+from gpt import generate  # first: gpt quiets a numpy warning
 import torch
 from torch.utils.data import Dataset
 
@@ -18,7 +18,7 @@ def format_input_phi(entry):
     return f"<|user|>\n{entry['instruction']}" + input_text
 
 def split(data) -> tuple:
-    """(train, val, test) in file order, with the book's arithmetic: 935 / 55 / 110 of 1,100."""
+    """(train, val, test): the book's slices, train, test, val: 935 / 55 / 110 of 1,100."""
     train_portion = int(len(data) * 0.85)
     test_portion = int(len(data) * 0.1)
     train_data = data[:train_portion]
@@ -33,7 +33,7 @@ class InstructionDataset(Dataset):
         self.data = data
         self.mask_prompt = mask_prompt
         self.encoded_texts = []
-        self.instruction_lengths = []  # the prompt's tokens, without the marker (exercise 7.2)
+        self.instruction_lengths = []  # the prompt's token count, no marker (exercise 7.2)
         phi3 = style == "phi3"  # exercise 7.1
         for entry in data:
             instruction_plus_input = format_input_phi(entry) if phi3 else format_input(entry)
@@ -108,7 +108,7 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
     for epoch in range(num_epochs):
         model.train()
         for input_batch, target_batch in train_loader:
-            optimizer.zero_grad()  # the last batch's gradients go before this one's
+            optimizer.zero_grad()  # clear the last batch's gradients
             loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss.backward()
             optimizer.step()
@@ -133,7 +133,7 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
 
 # ---------------- answers (7.7)
 def respond(model, test_data, tokenizer, device, style="alpaca", max_new_tokens=256) -> list:
-    """The book's loop over test_data: each greedy answer, the text after the prompt, unmarked."""
+    """The book's loop over test_data: each greedy answer, the text after the prompt and marker."""
     model.eval()
     context_size = model.pos_emb.weight.shape[0]
     answers = []
