@@ -286,8 +286,7 @@ REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, never
 DOWNLOAD_TIMEOUT = 60  # seconds to wait for the server's next bytes
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
-def cache_dir(*parts) -> str:
-    """$XDG_CACHE_HOME/gpt2-sft/... (default ~/.cache/gpt2-sft/...)."""
+def cache_dir(*parts) -> str:  # $XDG_CACHE_HOME/gpt2-sft/..., by default ~/.cache/gpt2-sft/...
     root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(root, "gpt2-sft", *parts)
 

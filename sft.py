@@ -294,9 +294,10 @@ def prepare_data(cfg, model, enc):
         masked = sum(not (row != IGNORE).any() for row in targets)  # cut before the response
         if masked:
             log(f"{masked} of {len(items)} {name} rows keep no target (cut before their response)")
-        if masked == len(items):  # a loss over no token: nothing to learn
-            raise ValueError(f"no {name} row keeps a target after --max-length {cfg.max_length} with "
-                             "--mask-prompt: raise --max-length, or train without --mask-prompt")
+        # nothing to learn, or a validation batch without a mean
+        if masked == len(items) or (masked and name == "validation"):
+            raise ValueError(f"{masked} of {len(items)} {name} rows keep no target after --max-length"
+                             f" {cfg.max_length} with --mask-prompt: raise it, or leave out --mask-prompt")
     if len(train_set) < cfg.batch_size * cfg.grad_accum:
         raise ValueError(f"--batch-size x --grad-accum is over the {len(train_set)} training rows")
     return train_set, val_set, val_e
@@ -368,7 +369,7 @@ def claim_out(out: str) -> str:
     try:
         with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
             epoch = json.load(f)["epochs_done"]
-    except (OSError, ValueError, TypeError, KeyError):  # no run.json, or not one train wrote
+    except (OSError, ValueError, TypeError, KeyError):  # no run.json train wrote
         return "no epoch finished; nothing was saved"
     return f"no epoch of this run finished; {out} still holds the earlier run's epoch {epoch}"
 

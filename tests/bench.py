@@ -1,8 +1,9 @@
 """make bench: speed figures for this machine, each a ratio measured in the same run (not a test; not collected).
 
-training MFU, generation speed-up over the book's loop, checkpoint load RSS, and the share of `train` spent
-outside optimizer steps. Runs in a few minutes on 2 CPU cores, offline."""
-import json, os, resource, subprocess, sys, tempfile, time
+training MFU, the tool's training loop and generation against the book's, checkpoint load RSS, and the share of
+`train` spent outside optimizer steps. Runs in a few minutes on 2 CPU cores, offline."""
+import contextlib, io, json, math, os, subprocess, sys, tempfile, time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -11,6 +12,7 @@ DATA = str(ROOT / "data" / "instruction-data.json")
 
 import gpt, sft  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 ROWS = []
 
@@ -69,10 +71,10 @@ def bench_training(peak, bf16=False, steps=6, batch=8):
     return done / secs
 
 
-def bench_generation(new=64, plain_prompts=4):
+def bench_generation(new=64, plain_prompts=2):
     enc = sft.tokenizer()
     test = sft.split(sft.load_entries(DATA))[2]
-    prompts = [enc.encode_ordinary(sft.format_input(e) + sft.RESPONSE["alpaca"]) for e in test]
+    prompts = [enc.encode_ordinary(sft.format_input(e)) for e in test]  # the book's prompt: the model writes the marker
     model = small().eval()
     t0 = time.perf_counter()
     for k in range(0, len(prompts), 32):
@@ -84,7 +86,51 @@ def bench_generation(new=64, plain_prompts=4):
     plain = plain_prompts * new / (time.perf_counter() - t0)
     row("generate tokens/s, batched + KV cache", f"{batched:,.0f}", f"110 test prompts x {new} new tokens")
     row("generate tokens/s, the book's plain loop", f"{plain:,.0f}", f"{plain_prompts} prompts, one at a time")
-    row("generation speed-up", f"{batched / plain:.1f}x")
+    row("generation: the tool's speed over the book's loop", f"{batched / plain:.1f}x", "tokens/s over tokens/s")
+
+
+def bench_loops(steps=15, batch=8, every=5):
+    """The tool's loop (sft.fit) against the book's (sft.train_model_simple) for `steps` optimizer steps over the same
+    batches (the first training rows in order, uncut) of the same 768x4 model from the same weights, in fp32. The book's
+    step: zero_grad, calc_loss_batch, backward, a plain (for-loop) AdamW step; every 5 steps its evaluate_model,
+    calc_loss_loader over 5 training and 5 validation batches. The tool's: the lr written, zero_grad, loss_and_backward
+    (summed loss and target count kept on the device), a fused AdamW step; every 5 steps the gradient norm and one
+    validation batch of 8 rows. Left out of both: what each does once an epoch (the book's 50-token sample, the tool's
+    whole-set validation, answer and save)."""
+    enc = sft.tokenizer()
+    train_e, val_e, _ = sft.split(sft.load_entries(DATA))
+    collate = partial(sft.collate, allowed_max_length=1024)  # the book's call
+    train_loader = DataLoader(sft.InstructionDataset(train_e[:steps * batch], enc), batch, collate_fn=collate)
+    val_loader = DataLoader(sft.InstructionDataset(val_e, enc), batch, collate_fn=collate)
+    quiet = io.StringIO()
+
+    model = small()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)  # the book's: not fused
+    sample = sft.generate
+    sft.generate = lambda model, idx, *args, **kwargs: idx  # the once-an-epoch sample, left out
+    try:
+        with contextlib.redirect_stdout(quiet):
+            t0 = time.perf_counter()
+            sft.train_model_simple(model, train_loader, val_loader, optimizer, "cpu", num_epochs=1, eval_freq=every,
+                                   eval_iter=5, start_context=sft.format_input(val_e[0]), tokenizer=enc)
+            book = time.perf_counter() - t0
+    finally:
+        sft.generate = sample
+
+    model = small()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)  # as sft.train
+    cfg = sft.TrainConfig(model="bench", epochs=1, batch_size=batch, eval_every=every, lr=5e-5)
+    with contextlib.redirect_stderr(quiet):
+        t0 = time.perf_counter()
+        sft.fit(model, optimizer, train_loader, val_loader, "cpu", cfg, math.ceil(8 / batch), lambda *done: None)
+        tool = time.perf_counter() - t0
+    evaluations = len(range(0, steps, every))
+    row("train step, the book's loop: seconds", f"{book / steps:.2f}",
+        f"{steps} steps of {batch} rows, {evaluations} evaluations of 5 + 5 batches")
+    row("train step, the tool's loop (fit): seconds", f"{tool / steps:.2f}",
+        f"the same steps, {evaluations} validations of 1 batch")
+    row("training: the tool's speed over the book's loop", f"{book / tool:.2f}x",
+        "fp32, 768 wide, 4 layers; the per-epoch extras of both left out")
 
 
 LOAD = """
@@ -142,8 +188,9 @@ if __name__ == "__main__":
             row("bf16 autocast training speed-up", f"{bench_training(peak, bf16=True) / fp32:.2f}x", "sft.train's default here")
         else:
             row("bf16 autocast", "-", "this CPU has no native bf16: train uses fp32")
+        bench_loops()
         bench_generation()
         bench_loading(tmp)
         bench_train_command(tmp, "tiny", "tiny (book data, 2 epochs)")
         gpt.save_pretrained(small(), tmp / "small4")
-        bench_train_command(tmp, str(tmp / "small4"), "768x4 (400 entries, 1 epoch)", limit=400, epochs=1)
+        bench_train_command(tmp, str(tmp / "small4"), "768x4 (200 entries, 1 epoch)", limit=200, epochs=1)

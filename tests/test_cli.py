@@ -33,21 +33,59 @@ def run(capsys, *argv):
     return code, out, err
 
 
-def test_a_small_model_memorises_a_handful_of_entries_and_stops_by_itself(tmp_path, capsys):
-    """Also exercises 7.1 and 7.2: the phi3 style and prompt masking are kept with the run and used by generate."""
+def run_quietly(*argv):
+    """sft.main in-process without capsys (for fixtures wider than a test); returns (exit code, stderr)."""
+    import contextlib, io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            sft.main([str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    """A run that learnt MEMO[:8] by heart in the phi3 style with prompt masking (exercises 7.1 and 7.2); its test
+    split is MEMO[8:] five times, its validation MEMO[:5]."""
+    tmp_path = tmp_path_factory.mktemp("memorised")
     torch.manual_seed(0)
     gpt.save_pretrained(gpt.GPT(gpt.GPTConfig(n_positions=128, n_embd=64, n_layer=2, n_head=4)), tmp_path / "base")
     entries = [MEMO[i % 8] for i in range(85)] + MEMO[8:] * 5 + MEMO[:5]  # the split: 85 train rows of MEMO[:8]
     data, out = write_data(tmp_path / "d.json", entries), tmp_path / "run"
-    code, _, err = run(capsys, "train", "--model", tmp_path / "base", "--data", data, "--out", out, "--epochs", 6,
-                       "--batch-size", 4, "--lr", 3e-3, "--style", "phi3", "--mask-prompt", "--eval-every", 1000,
-                       "--precision", "fp32")  # answers verbatim: the same numbers on every CPU
+    code, err = run_quietly("train", "--model", tmp_path / "base", "--data", data, "--out", out, "--epochs", 6,
+                            "--batch-size", 4, "--lr", 3e-3, "--style", "phi3", "--mask-prompt", "--eval-every", 1000,
+                            "--precision", "fp32")  # answers verbatim: the same numbers on every CPU
     assert code == 0, err
+    return out
+
+
+def test_a_small_model_memorises_a_handful_of_entries_and_stops_by_itself(memorised, capsys):
+    """Also exercises 7.1 and 7.2: the phi3 style and prompt masking are kept with the run and used by generate."""
+    out = memorised
     settings = json.loads((out / "run.json").read_text())
     assert settings["style"] == "phi3" and settings["mask_prompt"] is True
     for instruction, given, answer in MEMO[:8]:  # the training split
         code, stdout, _ = run(capsys, "generate", "--out", out, instruction, "--input", given, "--max-new-tokens", 30)
         assert (code, stdout) == (0, answer + "\n")  # verbatim through the phi3 prompt, and it stopped by itself
+
+
+def test_evals_responses_are_the_chapters_respond_loop_answers(memorised, capsys, monkeypatch):
+    """The fast path (batched, KV-cached, sorted by length) gives what the book's respond() gives, marker removed."""
+    url, bodies = ollama(replies=["50"])
+    monkeypatch.setenv("OLLAMA_HOST", url)
+    code, _, err = run(capsys, "eval", "--out", memorised)
+    assert code == 0, err
+    saved = json.loads((memorised / "instruction-data-with-response.json").read_text())
+    model, cfg = sft.load_run(str(memorised), "cpu")
+    test = [{k: e[k] for k in ("instruction", "input", "output")} for e in saved]
+    assert [(e["instruction"], e["output"]) for e in test] == [MEMO[8][::2], MEMO[9][::2]] * 5  # the test split
+    book = sft.respond(model, test[:2], sft.tokenizer(), "cpu", style="phi3")  # the two distinct entries
+    assert [r["model_response"] for r in saved] == book * 5 and all(book)
+    assert len(bodies) == 2  # the judge is asked once per distinct prompt
+    assert not any("<|assistant|>" in r or "<|user|>" in r for r in book)
 
 
 def test_a_local_checkpoint_trains_writes_the_run_directory_and_evaluates(tmp_path, capsys, monkeypatch):
@@ -112,8 +150,9 @@ ERRORS = {
     "malformed device": (["train", "--model", "tiny", "--data", "{data}", "--device", "cpu:abc"], "--device cpu:abc is not available"),
     "nested data": (["train", "--model", "tiny", "--data", "{tmp}/deep.json"], "deep.json: cannot read JSON (maximum recursion"),
     "batch over the rows": (["train", "--model", "tiny", "--data", "{data}", "--batch-size", "9"], "is over the 8 training rows"),
-    "every target masked": (["train", "--model", "tiny", "--data", "{data}", "--mask-prompt", "--max-length", "30"],
-                            "no training row keeps a target after --max-length 30 with --mask-prompt"),
+    # the 8 training prompts are 27 to 36 tokens, without the marker: at 26 columns none keeps a target
+    "every target masked": (["train", "--model", "tiny", "--data", "{data}", "--mask-prompt", "--max-length", "26"],
+                            "8 of 8 training rows keep no target after --max-length 26 with --mask-prompt"),
     "eval of an empty folder": (["eval", "--out", "{tmp}"], "holds no run that train wrote"),
     "generate of an empty folder": (["generate", "--out", "{tmp}", "hi"], "holds no run that train wrote"),
 }
@@ -145,8 +184,7 @@ def test_hub_404_through_the_cli_is_one_line_without_traceback(tmp_path, small_d
 
 def test_eval_without_ollama_keeps_the_responses_and_says_how_to_score_later(tmp_path, capsys, monkeypatch):
     from test_judge import free_port
-    data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
-    assert run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 1, "--batch-size", 4)[0] == 0
+    out = fake_run(tmp_path, MEMO)  # eval needs a run folder, not a trained one
     monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{free_port()}")
     code, _, err = run(capsys, "eval", "--out", out)
     assert isinstance(code, str) and "cannot reach Ollama" in code and "ollama serve" in code
@@ -231,12 +269,36 @@ def test_rows_left_without_a_target_are_counted_and_a_loss_over_no_token_is_neve
     short = [(f"Say {w}.", "", w) for w in ("yes", "no", "up", "down", "left", "right", "in", "out", "on", "off")]
     long = [(i + " Answer at length, please, with every detail you know.", x, o) for i, x, o in MEMO]
     data = write_data(tmp_path / "d.json", [*long[:4], *short[:4], long[4], short[4]])  # train 8, validation 1
+    # the long prompts are 41 to 48 tokens, the short ones 27 (the marker not counted): 40 columns cut the long ones
     code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", tmp_path / "run", "--epochs", 1,
-                       "--batch-size", 2, "--mask-prompt", "--max-length", 42)
+                       "--batch-size", 2, "--mask-prompt", "--max-length", 40)
     assert code == 0, err
     assert "4 of 8 training rows keep no target" in err and "validation rows keep no target" not in err
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["train_loss"] > 0 and m["val_loss"] > 0 for m in metrics)
+
+
+def test_a_validation_row_without_a_target_is_refused_before_training_in_one_line(tmp_path, capsys):
+    """The book's calc_loss_loader: a batch with no target is NaN (cross_entropy's), and so is the mean of the batch
+    means; the tool refuses such a validation split before it trains, rather than save a NaN."""
+    short = [(f"Say {w}.", "", w) for w in ("yes", "no", "up", "down", "left", "right", "in", "out", "on", "off")]
+    long = [(i + " Answer at length, please, with every detail you know.", x, o) for i, x, o in MEMO]
+    data = write_data(tmp_path / "d.json", [short[i % 10] for i in range(47)] + [long[0], long[1], short[0]])
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", tmp_path / "run", "--epochs", 1,
+                       "--batch-size", 2, "--mask-prompt", "--max-length", 40)  # validation: [long, long], [short]
+    assert "training rows keep no target" not in err and "step 0" not in err  # refused before the first step
+    assert code == "error: 2 of 3 validation rows keep no target after --max-length 40 with --mask-prompt: raise it, or leave out --mask-prompt"
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_with_mask_prompt_the_response_marker_stays_a_target(tmp_path, capsys, small_data):
+    """Exercise 7.2 as the book: only the prompt's own tokens are masked. Three training prompts and the validation one
+    are 27 or 28 tokens: at --max-length 28 what is left of them to learn is the marker's first tokens, so the run
+    trains (were the marker masked too, no row would keep a target)."""
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", small_data, "--out", tmp_path / "run", "--epochs", 1,
+                       "--batch-size", 8, "--mask-prompt", "--max-length", 28)
+    assert code == 0, err
+    assert "5 of 8 training rows keep no target" in err and "validation rows keep no target" not in err
 
 
 def test_training_caps_max_length_at_a_short_model_context(tmp_path, capsys):

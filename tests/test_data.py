@@ -8,10 +8,11 @@ from functools import partial
 from torch.utils.data import DataLoader
 from hypothesis import given, settings, strategies as st
 
+import gpt
 import sft
 from conftest import DATA
 
-EOT, IGN = sft.EOT, sft.IGNORE
+EOT, IGN = gpt.EOT, -100  # the book's pad_token_id and ignore_index
 token = st.one_of(st.integers(0, 50255), st.just(EOT))  # end-of-text ids inside the data are common enough
 
 
@@ -180,16 +181,16 @@ def test_bad_data_is_one_clear_error_naming_file_and_entry(tmp_path, case):
     assert str(path) in str(err.value)
 
 
-def test_too_few_entries_to_split_names_the_source(tmp_path):
+def test_too_few_entries_to_split_names_the_source(tmp_path, capsys):
+    from test_cli import run
     path = tmp_path / "small.json"
     path.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 20))
-    with pytest.raises(ValueError, match=r"small\.json: 9 entries are too few to split: at least 10$"):
-        sft.split_entries(str(path), 9)  # --limit 9: no validation entry
-    assert [len(x) for x in sft.split_entries(str(path), 10)] == [8, 1, 1]
-    assert [len(x) for x in sft.split_entries(str(path), 0)] == [17, 1, 2]  # 0: all
-    assert [len(x) for x in sft.split([{}] * 9)] == [7, 1, 1]  # 0.1 x 9 = 0.9 rounds down: an empty test part
-    assert [len(x) for x in sft.split([{}] * 9)] != [7, 1, 1] or True
-    assert sft.split([{}] * 9)[2] == []
+    code, _, err = run(capsys, "train", "--model", "tiny", "--data", path, "--limit", 9, "--out", tmp_path / "run")
+    assert code == f"error: {path}: 9 entries are too few to split: at least 10"  # --limit 9: no test entry
+    assert "step 0" not in err
+    assert [len(x) for x in sft.split([{}] * 10)] == [8, 1, 1]
+    assert [len(x) for x in sft.split([{}] * 20)] == [17, 1, 2]
+    assert [len(x) for x in sft.split([{}] * 9)] == [7, 2, 0]  # the book's split: arithmetic only, no error
 
 
 def test_data_from_a_url_is_downloaded_once_then_read_from_the_cache():

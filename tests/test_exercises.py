@@ -50,14 +50,43 @@ def test_gradient_accumulation_equals_one_batch_of_all_the_rows():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, split))
 
 
+def test_fit_with_accumulation_trains_as_one_batch_of_all_the_rows():
+    """grad_accum k of batch b: the same gradients, losses and weights as grad_accum 1 of batch k * b, the rows the
+    same (token-weighted: MEMO's rows differ in length, so a mean of micro-batch means would differ)."""
+    def trained(batch_size, grad_accum):
+        model = tiny_model(seed=5, vocab=50257)
+        train_loader, val_loader = memo_loaders(batch_size)
+        grads, reports = [], []
+
+        class Watched(torch.optim.SGD):  # plain SGD: the weights move by the gradients alone, rounding stays small
+            def step(self):
+                grads.append([p.grad.clone() for p in model.parameters()])
+                return super().step()
+        cfg = sft.TrainConfig(model="tiny", epochs=2, eval_every=1, lr=0.5, grad_accum=grad_accum)
+        sft.fit(model, Watched(model.parameters(), lr=0.5), train_loader, val_loader, "cpu", cfg, 1,
+                lambda epoch, done: reports.extend(done[len(reports):]))
+        return grads, reports, [p.detach() for p in model.parameters()]
+    whole_grads, whole_reports, whole = trained(4, 1)
+    assert len(whole_grads) == len(whole_reports) == 4  # 8 rows, 4 a step, 2 epochs
+    for batch_size, grad_accum in ((2, 2), (1, 4)):
+        grads, reports, weights = trained(batch_size, grad_accum)
+        assert len(grads) == 4
+        assert all(torch.allclose(a, b, atol=1e-6) for step, whole_step in zip(grads, whole_grads)
+                   for a, b in zip(step, whole_step))
+        assert [r["train_loss"] for r in reports] == pytest.approx([r["train_loss"] for r in whole_reports], rel=1e-5)
+        assert [r["val_loss"] for r in reports] == pytest.approx([r["val_loss"] for r in whole_reports], rel=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(weights, whole))
+    assert not torch.allclose(whole[0], tiny_model(seed=5, vocab=50257).wte.weight, atol=1e-3)  # it did train
+
+
 def test_lora_run_saves_a_plain_checkpoint_in_a_whole_hugging_face_folder_and_reports_trainable_parameters(tmp_path, capsys):
     data, out = write_data(tmp_path / "d.json", MEMO), tmp_path / "run"
     code, _, err = run(capsys, "train", "--model", "tiny", "--data", data, "--out", out, "--epochs", 1, "--batch-size", 2,
                        "--lora-rank", 8, "--grad-accum", 2)
     assert code == 0, err
-    assert "trainable of" in err and "lr 0.001, effective batch 4 (2 x 2), 2 steps" in err  # 8 rows // 4
+    assert "lr 0.001, effective batch 4 (2 x 2), 2 steps" in err  # 8 rows // 4
     # 4 blocks x rank 8 x (in + out) of c_attn, attn.c_proj, c_fc, mlp.c_proj
-    assert f"{4 * 8 * ((128 + 384) + (128 + 128) + (128 + 512) + (512 + 128)):,} trainable" in err
+    assert f"{4 * 8 * ((128 + 384) + (128 + 128) + (128 + 512) + (512 + 128)):,} trainable parameters" in err
     saved = gpt.read_safetensors(out / "model.safetensors")
     assert set(saved) == set(sft.load_model("tiny").state_dict())  # no adapter tensors, every base tensor
     assert gpt.from_pretrained(str(out)).config.n_embd == 128
@@ -148,14 +177,18 @@ def test_the_learning_rate_follows_warmup_then_the_schedule_as_transformers(sche
     assert sft.lr_factor(99, 100, 10, cosine) == pytest.approx(1.0 if not cosine else 3.046e-4, abs=1e-7)  # just above 0
 
 
+def memo_loaders(batch_size=2, train_rows=8):
+    """MEMO's first train_rows rows in order, then the rest for validation, as the tool's alpaca id lists."""
+    rows = list(sft.InstructionDataset([{"instruction": i, "input": x, "output": o} for i, x, o in MEMO], sft.tokenizer()))
+    return (DataLoader(rows[:train_rows], batch_size=batch_size, collate_fn=sft.collate),
+            DataLoader(rows[train_rows:], batch_size=2, collate_fn=sft.collate))
+
+
 def steps_seen(monkeypatch, **settings):
-    """A tiny run of train_model_simple: each step's gradients as backward left them, as the optimizer saw them, and its
-    lr, with one report a step."""
+    """A tiny run of the tool's loop, sft.fit: each step's gradients as backward left them, as the optimizer saw them,
+    and its lr, with one report a step."""
     model = tiny_model(seed=3, vocab=50257)
-    enc = sft.tokenizer()
-    rows = sft.InstructionDataset([{"instruction": i, "input": x, "output": o} for i, x, o in MEMO], enc)
-    train_loader = DataLoader(list(rows)[:8], batch_size=2, collate_fn=sft.collate)
-    val_loader = DataLoader(list(rows)[8:], batch_size=2, collate_fn=sft.collate)
+    train_loader, val_loader = memo_loaders()
     raw, seen, lrs, reports = [], [], [], []
 
     def backward(model, micro_batches, *args):
@@ -170,9 +203,9 @@ def steps_seen(monkeypatch, **settings):
             return super().step()
     monkeypatch.setattr(sft, "loss_and_backward", backward)
     optimizer = Watched(model.parameters(), lr=1e-3)
-    sft.train_model_simple(model, train_loader, val_loader, optimizer, "cpu", 1, 1, 1, "Hi", enc,
-                           on_epoch=lambda epoch, done: reports.extend(done), context_size=64, **settings)
-    assert [m["lr"] for m in reports] == lrs  # each report names the rate its step used
+    cfg = sft.TrainConfig(model="tiny", epochs=1, eval_every=1, lr=1e-3, **settings)
+    sft.fit(model, optimizer, train_loader, val_loader, "cpu", cfg, 1, lambda epoch, done: reports.extend(done))
+    assert len(lrs) == 4 and [m["lr"] for m in reports] == lrs  # each report names the rate its step used
     return raw, seen, lrs
 
 
@@ -193,7 +226,7 @@ def test_clipping_bounds_the_gradients_norm_and_keeps_its_direction(monkeypatch)
 
 
 def test_each_update_uses_the_scheduled_rate(monkeypatch):
-    _, _, lrs = steps_seen(monkeypatch, warmup_steps=2, cosine=True)
+    _, _, lrs = steps_seen(monkeypatch, warmup_steps=2, schedule="cosine")
     assert lrs == pytest.approx([transformers_lr(k, 1e-3, 2, 4, True) for k in range(1, 5)], abs=1e-15)
     assert lrs[0] == 0 and lrs[2] == 1e-3
 
@@ -202,6 +235,34 @@ def test_with_every_default_the_rate_is_lr_and_the_gradients_untouched(monkeypat
     raw, seen, lrs = steps_seen(monkeypatch)
     assert lrs == [1e-3] * 4
     assert all(torch.equal(a, b) for r, s in zip(raw, seen) for a, b in zip(r, s))
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
+def test_a_report_holds_its_own_steps_loss_over_their_targets_and_the_norm_before_clipping(monkeypatch, capsys,
+                                                                                          max_grad_norm):
+    model = tiny_model(seed=3, vocab=50257)
+    train_loader, val_loader = memo_loaders()
+    results, raw, reports = [], [], []
+
+    def backward(model, micro_batches, *args):
+        summed, count = TRAINING_STEP(model, micro_batches, *args)
+        results.append((summed.item(), count.item()))
+        raw.append(global_norm([p.grad for p in model.parameters()]))
+        return summed, count
+    monkeypatch.setattr(sft, "loss_and_backward", backward)
+    cfg = sft.TrainConfig(model="tiny", epochs=1, eval_every=3, lr=1e-3, max_grad_norm=max_grad_norm)
+    sft.fit(model, torch.optim.AdamW(model.parameters(), lr=1e-3), train_loader, val_loader, "cpu", cfg, 1,
+            lambda epoch, done: reports.extend(done))
+    assert [r["step"] for r in reports] == [0, 3]  # 4 steps; a report every 3
+    for report, steps in zip(reports, ([0], [1, 2, 3])):  # the steps since the last report, weighted by their targets
+        summed, count = (sum(results[s][i] for s in steps) for i in (0, 1))
+        assert report["train_loss"] == pytest.approx(summed / count, rel=1e-6)
+        assert report["grad_norm"] == pytest.approx(raw[steps[-1]], rel=1e-5)  # the report step's, before any clipping
+    assert reports[1]["train_loss"] != pytest.approx(sum(results[s][0] / results[s][1] for s in (1, 2, 3)) / 3, rel=1e-6)
+    err = capsys.readouterr().err
+    for r in reports:
+        assert (f"epoch 1, step {r['step']}: train loss {r['train_loss']:.3f} (its steps since the last report), "
+                f"validation loss {r['val_loss']:.3f}\n") in err
 
 
 def test_a_warmup_and_cosine_run_reports_its_rates_and_norms_and_keeps_its_settings(tmp_path, capsys):

@@ -118,6 +118,18 @@ def test_eos_stops_a_row_and_is_not_returned():
     assert all(eos not in r for r in got)
 
 
+def test_with_eos_a_ragged_batch_answers_as_the_books_generate_does_for_each_prompt_alone():
+    model = tiny_model(seed=2)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (2, 9, 5, 14)]
+    free = gpt.generate_batch(model, prompts, 12)
+    eos = free[1][3]  # met by row 1 at its 4th token: one row stops early, the others later or never
+    book = [gpt.generate(model, torch.tensor([p]), 12, model.config.n_positions, eos_id=eos)[0, len(p):].tolist()
+            for p in prompts]
+    assert gpt.generate_batch(model, prompts, 12, eos_id=eos) == book
+    assert len(book[1]) <= 3 and len({len(b) for b in book}) > 1  # rows of different lengths: the stops differ
+
+
 # ---------------------------------------------------------------- safetensors
 def raw_file(tmp_path, header, data=b"", n=None):
     head = json.dumps(header).encode() if isinstance(header, dict) else header

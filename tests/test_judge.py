@@ -52,6 +52,17 @@ def test_the_reply_is_the_message_content_of_one_json_object():
     assert judge.query("q", url=url) == "Score: 72"
 
 
+def test_query_asks_an_openai_compatible_server_for_a_v1_url_and_content_reads_either_reply_shape():
+    url, bodies = openai_server(replies=["64"])
+    assert judge.query("q", "gpt-4o-mini", url) == "64" and bodies.paths == ["/v1/chat/completions"]
+    assert judge.content("http://x/v1", {"choices": [{"message": {"role": "assistant", "content": "7"}}]}) == "7"
+    assert judge.content("http://x", {"message": {"role": "assistant", "content": "8"}}) == "8"
+    with pytest.raises(ValueError, match="^the server at http://x/v1 sent a chat reply without message content$"):
+        judge.content("http://x/v1", {"message": {"content": "8"}})  # Ollama's shape from a /v1 server: no choices
+    with pytest.raises(ValueError, match="^Ollama at http://x sent a chat reply without message content$"):
+        judge.content("http://x", {"message": {"content": 8}})
+
+
 SCORES = [  # (reply, score): what judges answer, and the rule's reading (judge.parse_score's docstring); a
     # number no word states as the score ("deserves 65 points", "a 0-100 scale: 65") is doubt: None
     ("85", 85), ("85.", 85), (" 100 ", 100), ("0", 0), ("72.5", 72.5), ("Score: 85", 85), ("**Score: 90**", 90),

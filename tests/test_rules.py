@@ -1,5 +1,6 @@
 """Rules that the other tests left unpinned: each test here was seen to fail with its bug planted by hand."""
-import json, os, struct
+import json, math, os, struct
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import sft
 from conftest import FIXTURE, tiny_model
 
 CPU = torch.device("cpu")
+IGNORE = -100  # the book's ignore_index, cross_entropy's default
 ROWS = [([5, 9, 14, 3, 7, 1], 2), ([8, 2], 1), ([4, 4, 6, 11, 30, 2, 9, 9, 1, 3], 7), ([7, 3, 5], 1)]
 PLAIN = [ids for ids, _ in ROWS]  # the book's dataset items
 MASKED = [(prompt_len, ids) for ids, prompt_len in ROWS]  # exercise 7.2's
@@ -22,11 +24,11 @@ def reference_mean_loss(model, rows, mask_prompt=False):
     for ids, prompt_len in rows:
         with torch.no_grad():
             logits.append(model(torch.tensor([ids]))[0])
-        target = ids[1:] + [sft.EOT]
+        target = ids[1:] + [gpt.EOT]
         if mask_prompt:
-            target = [sft.IGNORE] * (prompt_len - 1) + target[prompt_len - 1:]
+            target = [IGNORE] * (prompt_len - 1) + target[prompt_len - 1:]
         targets.append(torch.tensor(target))
-    return F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=sft.IGNORE).item()
+    return F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=IGNORE).item()
 
 
 def test_the_step_loss_is_the_mean_over_target_tokens_and_its_gradient_matches():
@@ -37,16 +39,22 @@ def test_the_step_loss_is_the_mean_over_target_tokens_and_its_gradient_matches()
     got = model.h[0].mlp.c_fc.weight.grad.clone()
     model.zero_grad()
     inputs, targets = sft.collate(PLAIN)
-    F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=sft.IGNORE).backward()
+    F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE).backward()
     assert torch.allclose(got, model.h[0].mlp.c_fc.weight.grad, atol=1e-6)
 
 
-def test_validation_loss_is_token_weighted_not_a_mean_of_batch_means():
+def test_validation_loss_is_the_books_mean_of_batch_means_not_token_weighted():
     model = tiny_model(seed=8, vocab=50257)
     loader = DataLoader(MASKED, batch_size=3, collate_fn=sft.collate)  # batches of 5 + 2 + 4 targets, then 3
-    assert sft.calc_loss_loader(loader, model, "cpu") == pytest.approx(reference_mean_loss(model, ROWS, True), rel=1e-5)
-    first = sft.calc_loss_loader(loader, model, "cpu", num_batches=1)
-    assert first == pytest.approx(reference_mean_loss(model, ROWS[:3], True), rel=1e-5)
+    first, second = reference_mean_loss(model, ROWS[:3], True), reference_mean_loss(model, ROWS[3:], True)
+    assert sft.calc_loss_loader(loader, model, "cpu") == pytest.approx((first + second) / 2, rel=1e-5)
+    token_weighted = reference_mean_loss(model, ROWS, True)
+    assert abs((first + second) / 2 - token_weighted) > 1e-3  # so the two rules are told apart here
+    assert sft.calc_loss_loader(loader, model, "cpu", num_batches=1) == pytest.approx(first, rel=1e-5)
+    assert sft.calc_loss_loader(loader, model, "cpu", num_batches=5) == pytest.approx((first + second) / 2, rel=1e-5)
+    assert math.isnan(sft.calc_loss_loader(DataLoader([], batch_size=3, collate_fn=sft.collate), model, "cpu"))
+    no_target = DataLoader([(10, [5, 9, 14, 3, 7])], collate_fn=partial(sft.collate, allowed_max_length=4))
+    assert math.isnan(sft.calc_loss_loader(no_target, model, "cpu"))  # cut before the response: no target, NaN
 
 
 def test_lora_scales_its_update_by_alpha_over_rank():
@@ -165,7 +173,7 @@ def batches_seen(monkeypatch, capsys, tmp_path, base, *flags):
     seen = []
 
     def recording(model, micro_batches, *args):
-        rows = [inputs[i, inputs[i] != sft.EOT] for inputs, _ in micro_batches for i in range(len(inputs))]
+        rows = [inputs[i, inputs[i] != gpt.EOT] for inputs, _ in micro_batches for i in range(len(inputs))]
         seen.append([tuple(row.tolist()) for row in rows])  # each row without its padding
         return TRAINING_STEP(model, micro_batches, *args)
     monkeypatch.setattr(sft, "loss_and_backward", recording)
@@ -187,13 +195,13 @@ def test_the_seed_decides_the_batch_order_and_each_epoch_is_shuffled_anew(monkey
     assert sorted(sum(epoch_1, [])) == sorted(sum(epoch_2, [])) and epoch_1 != epoch_2  # same rows, new order
 
 
-def prompts_answered(monkeypatch):
-    """Patches gpt.generate_batch to record the prompt ids it is given (and answer nothing)."""
+def prompts_answered(monkeypatch, reply=()):
+    """Patches gpt.generate_batch to record the prompt ids it is given (and answer reply's ids, none by default)."""
     seen = []
 
     def recording(model, prompts, max_new_tokens, **options):
         seen.extend(prompts)
-        return [[] for _ in prompts]
+        return [list(reply) for _ in prompts]
     monkeypatch.setattr(gpt, "generate_batch", recording)
     return seen
 
@@ -201,20 +209,22 @@ def prompts_answered(monkeypatch):
 def test_an_answers_prompt_is_plain_text_as_in_training(monkeypatch):
     enc = sft.tokenizer()
     entry = {"instruction": "Repeat <|endoftext|> twice.", "input": "a <|endoftext|> b", "output": ""}
-    seen = prompts_answered(monkeypatch)
-    assert sft.answer(tiny_model(), [entry], enc) == [""]
+    seen = prompts_answered(monkeypatch, reply=enc.encode_ordinary("\n\n### Response:\nRed. "))
+    assert sft.answer(tiny_model(), [entry], enc) == ["Red."]  # the model's own marker taken out, then stripped
     prompt_len, ids = sft.InstructionDataset([entry], enc, mask_prompt=True)[0]
-    assert seen == [ids[:prompt_len]]  # the ids training gives the prompt
-    assert sft.EOT not in seen[0]  # the written marker is characters, not the special token
+    assert seen == [ids[:prompt_len]] == [enc.encode_ordinary(sft.format_input(entry))]  # the book's: no marker
+    assert gpt.EOT not in seen[0]  # the written <|endoftext|> is characters, not the special token
 
 
 def test_generate_answers_in_the_runs_own_prompt_style(tmp_path, capsys, monkeypatch):
     from test_cli import MEMO, fake_run, run
     out = fake_run(tmp_path, MEMO, style="phi3")
-    seen = prompts_answered(monkeypatch)
-    code, _, err = run(capsys, "generate", "--out", out, "Name a color.", "--input", "bright")
+    written = sft.tokenizer().encode_ordinary("\n<|assistant|>:\nBlue.")  # the model writes the marker itself
+    seen = prompts_answered(monkeypatch, reply=written)
+    code, stdout, err = run(capsys, "generate", "--out", out, "Name a color.", "--input", "bright")
     assert code == 0, err
-    assert sft.tokenizer().decode(seen[0]) == "<|user|>\nName a color.\nbright\n<|assistant|>\n"
+    assert sft.tokenizer().decode(seen[0]) == "<|user|>\nName a color.\nbright"  # the book's prompt: no marker
+    assert stdout == "Blue.\n"  # exercise 7.1's marker, with its colon, taken out of the answer
 
 
 def test_a_lora_run_keeps_training_after_its_first_save(tmp_path, capsys, monkeypatch):
@@ -263,23 +273,88 @@ def test_tokens_seen_count_what_training_sees_a_cut_row_its_kept_tokens(tmp_path
     assert [m["tokens"] for m in metrics] == [40, 80, 120, 160]  # 2 rows of 20 kept tokens a step
 
 
-def test_the_whole_validation_set_is_measured_after_each_epoch_and_kept_apart_from_the_curve(tmp_path, capsys,
-                                                                                              monkeypatch):
+def books_validation_loss(model, rows, batch_size, num_batches=None):
+    """The book's calc_loss_loader written anew: the mean over the first num_batches batches of each batch's mean."""
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)][:num_batches]
+    return sum(reference_mean_loss(model, batch) for batch in batches) / len(batches)
+
+
+def test_the_curve_is_the_books_loss_of_the_first_8_rows_and_the_whole_set_is_measured_after_each_epoch(
+        tmp_path, capsys, monkeypatch):
     from test_cli import MEMO, run, write_data
-    monkeypatch.setattr(sft, "CURVE_ROWS", 2)
-    data = write_data(tmp_path / "d.json", [MEMO[i % 10] for i in range(60)])  # 51 train, 6 test, 3 validation
+    data = write_data(tmp_path / "d.json", [MEMO[i % 10] for i in range(180)])  # 153 train, 18 test, 9 validation
     out = tmp_path / "run"
+    weights, step = {}, torch.optim.AdamW.step
+
+    def recording(optimizer, *args, **kwargs):  # the weights after each reported step (0, 20), as validated
+        result = step(optimizer, *args, **kwargs)
+        done = len(weights.setdefault("steps", []))
+        weights["steps"].append(done)
+        if done % 20 == 0:
+            weights[done] = {n: p.detach().clone() for n, p in loaded[0].state_dict().items()}
+        return result
+    loaded, load = [], sft.load_model
+    monkeypatch.setattr(sft, "load_model", lambda *args: loaded.append(load(*args)) or loaded[-1])
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
     code, _, err = run(capsys, "train", "--model", small_base(tmp_path), "--data", data, "--out", out, "--epochs", 1,
-                       "--batch-size", 2, "--eval-every", 10, "--precision", "fp32")
+                       "--batch-size", 4, "--eval-every", 20, "--lr", 3e-3, "--precision", "fp32")
     assert code == 0, err
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {m["val_rows"] for m in metrics} == {2}
+    assert [m["step"] for m in metrics] == [0, 20] and {m["val_rows"] for m in metrics} == {8}
+    rows = [(ids, 1) for ids in sft.InstructionDataset(sft.split(sft.load_entries(data))[1], sft.tokenizer())]
     model = gpt.from_pretrained(str(out))
-    rows = sft.InstructionDataset(sft.split(sft.load_entries(data))[1], sft.tokenizer())
-    every_row = sft.calc_loss_loader(DataLoader(rows, batch_size=3, collate_fn=sft.collate), model, "cpu")
+    for m in metrics:  # ceil(8 / 4) = 2 batches of the same 8 rows each time, the book's mean of their two means
+        model.load_state_dict(weights[m["step"]])
+        assert m["val_loss"] == pytest.approx(books_validation_loss(model, rows, 4, num_batches=2), rel=1e-5)
+    model = gpt.from_pretrained(str(out))
+    every_row = books_validation_loss(model, rows, 4)  # batches of 4, 4 and 1 rows
     settings = json.loads((out / "run.json").read_text())
-    assert settings["val_rows"] == 3 and settings["val_loss"] == pytest.approx(every_row, rel=1e-5)
-    assert f"validation loss {every_row:.3f} on all 3 rows" in err
+    assert settings["val_rows"] == 9 and settings["val_loss"] == pytest.approx(every_row, rel=1e-5)
+    assert f"validation loss {every_row:.3f} on all 9 rows" in err
+    assert every_row != pytest.approx(reference_mean_loss(model, rows), rel=1e-3)  # not the token-weighted mean
+
+
+def test_the_books_loop_steps_each_batch_from_fresh_gradients_and_measures_eval_iter_batches_every_eval_freq_steps(
+        capsys):
+    """train_model_simple against the loop written anew: zero_grad before each batch's backward, then every eval_freq
+    steps the mean of the first eval_iter batches' losses of each loader; tokens seen count padding; after each epoch
+    a greedy 50-token sample after start_context, on one line."""
+    enc = sft.tokenizer()
+    from test_cli import MEMO
+    rows = list(sft.InstructionDataset([{"instruction": i, "input": x, "output": o} for i, x, o in MEMO], enc))
+    train_loader = DataLoader(rows[:8], batch_size=2, collate_fn=sft.collate)
+    val_loader = DataLoader(rows[6:], batch_size=2, collate_fn=sft.collate)
+
+    def measured(model, loader, n):
+        with torch.no_grad():
+            losses = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() for x, y in list(loader)[:n]]
+        return sum(losses) / len(losses)
+    model = tiny_model(seed=4, vocab=50257)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    expected, seen, samples = ([], [], []), 0, []
+    context = torch.tensor([enc.encode_ordinary("Say yes.")])
+    for epoch in range(2):
+        for step, (x, y) in enumerate(train_loader):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            optimizer.step()
+            seen += x.numel()
+            if (epoch * 4 + step) % 3 == 0:
+                for curve, value in zip(expected, (measured(model, train_loader, 2), measured(model, val_loader, 2), seen)):
+                    curve.append(value)
+        samples.append(enc.decode(gpt.generate(model, context, 50, 64)[0].tolist()).replace("\n", " "))
+    model_weights = model.wte.weight.detach().clone()
+
+    model = tiny_model(seed=4, vocab=50257)
+    got = sft.train_model_simple(model, train_loader, val_loader, torch.optim.SGD(model.parameters(), lr=0.5), "cpu",
+                                 num_epochs=2, eval_freq=3, eval_iter=2, start_context="Say yes.", tokenizer=enc)
+    assert got[2] == expected[2]  # padding included
+    assert got[0] == pytest.approx(expected[0], rel=1e-5) and got[1] == pytest.approx(expected[1], rel=1e-5)
+    assert torch.allclose(model.wte.weight, model_weights, atol=1e-6)
+    steps = [f"Ep {e} (Step {s:06d}): Train loss {t:.3f}, Val loss {v:.3f}" for e, s, t, v in
+             zip((1, 1, 2), (0, 3, 6), got[0], got[1])]
+    assert capsys.readouterr().out.splitlines() == steps[:2] + samples[:1] + steps[2:] + samples[1:]
+    assert all(len(enc.encode_ordinary(s)) > 8 for s in samples)  # "Say yes." and what followed
 
 
 def products_summed_over(model, inputs, targets):
