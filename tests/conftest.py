@@ -4,11 +4,6 @@ from pathlib import Path
 
 import pytest
 
-# One torch thread, in this process and the subprocesses the tests start: the tests' models are too small to gain from
-# a second one, and on a busy 2-core machine two threads wait on each other (a training step of the tiny model took
-# 1.6 s with two, 0.1 s with one). OMP_NUM_THREADS set outside still wins.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-gpt2"
 DATA = Path(__file__).resolve().parents[1] / "data" / "instruction-data.json"
 
