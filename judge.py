@@ -1,5 +1,5 @@
-"""Scoring with a judge (the book's 7.8): the book's prompt and the request to Ollama; below the
-divider OpenAI-compatible servers, failures in one line, scores read out of replies."""
+"""Scoring with a judge (the book's 7.8): the book's prompt and its request to Ollama; below the
+divider the tool's: servers (Ollama, OpenAI-compatible), failures in one line, scores read out."""
 JUDGE = "llama3"
 TIMEOUT = 300  # seconds for a whole reply; the first also waits for Ollama to load the model
 
@@ -9,18 +9,17 @@ def judge_prompt(prompt: str, output: str, response: str) -> str:
             f"score the model response `{response}` on a scale from 0 to 100, "
             "where 100 is the best score. Respond with the integer number only.")
 
-# ---------------- the request (7.8: the book's query_model)
-def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
-    """One chat turn with Ollama's /api/chat, answered as one JSON object ("stream": false), as
-    deterministic as the book's; num_predict caps the reply (the score comes first)."""
-    url = server(url)
-    if is_openai(url):  # an OpenAI-compatible server: below the divider
-        return query_openai(prompt, model, url, timeout)
-    options = {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": False,
-            "options": options}
-    reply = call(url, "/api/chat", body, timeout)
-    return content(url, reply)
+# ---------------- the request (7.8)
+def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
+    """The book's request: one chat turn with the Ollama endpoint at url, with the book's options
+    for a deterministic reply; "stream": False answers one JSON object, not the book's stream."""
+    import json, urllib.request  # the standard library's HTTP, where the book uses requests
+    data = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}, "stream": False}
+    request = urllib.request.Request(url, json.dumps(data).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read())["message"]["content"]
 
 # ================ the tool: OpenAI-compatible servers, failures in one line, the check, scores
 import hashlib, http.client, json, os, re, sys, urllib.error, urllib.request
@@ -37,12 +36,18 @@ def is_openai(url: str) -> bool:
     """A URL ending in /v1 is an OpenAI-compatible server's."""
     return url.endswith("/v1")
 
-def query_openai(prompt: str, model: str, url: str, timeout: float) -> str:
-    """query() in OpenAI's protocol: POST /chat/completions, the same options in its names."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0, "seed": 123, "max_tokens": 512}
-    reply = call(url, "/chat/completions", body, timeout)
-    return content(url, reply)
+def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
+    """query_model for the tool: the server from --url or OLLAMA_HOST, Ollama's /api/chat or an
+    OpenAI-compatible /chat/completions, the reply capped at 512 tokens, a failure one line."""
+    url = server(url)
+    messages = [{"role": "user", "content": prompt}]
+    if is_openai(url):  # the book's options in OpenAI's names
+        body = {"model": model, "messages": messages, "temperature": 0, "seed": 123,
+                "max_tokens": 512}
+        return content(url, call(url, "/chat/completions", body, timeout))
+    options = {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
+    body = {"model": model, "messages": messages, "stream": False, "options": options}
+    return content(url, call(url, "/api/chat", body, timeout))
 
 def content(url: str, reply) -> str:
     """A chat reply's content: {"message": {...}} or {"choices": [{"message": {...}}]}."""

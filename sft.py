@@ -18,13 +18,14 @@ def format_input_phi(entry):
     return f"<|user|>\n{entry['instruction']}" + input_text
 
 def split(data) -> tuple:
-    """(train, val, test): the book's slices, train, test, val: 935 / 55 / 110 of 1,100."""
+    """The book's three sets in the order it makes them: train_data, test_data, val_data
+    (935 / 110 / 55 of 1,100 entries)."""
     train_portion = int(len(data) * 0.85)
     test_portion = int(len(data) * 0.1)
     train_data = data[:train_portion]
     test_data = data[train_portion:train_portion + test_portion]
     val_data = data[train_portion + test_portion:]
-    return train_data, val_data, test_data
+    return train_data, test_data, val_data
 
 class InstructionDataset(Dataset):
     """The book's dataset: each entry's prompt, marker and output as token ids (a written
@@ -50,7 +51,7 @@ class InstructionDataset(Dataset):
     def __len__(self):
         return len(self.data)
 
-def collate(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=None, device="cpu"):
+def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=None, device="cpu"):
     """The book's custom_collate_fn: id lists, or exercise 7.2's (instruction_length, ids) pairs
     -> inputs, targets (B, T), T the longest row (at most allowed_max_length). The book's example,
     rows [0..4], [5, 6], [7, 8, 9] with E = 50256 and _ = -100, gives
@@ -237,7 +238,7 @@ def load_entries(source: str = DATA) -> list:
         source = path
     return read_entries(source)
 
-def tokenizer():
+def load_tokenizer():
     """tiktoken's gpt2 encoding: the BPE files in data/, or in TIKTOKEN_CACHE_DIR."""
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", gpt.TIKTOKEN_CACHE)
     return tiktoken.get_encoding("gpt2")  # it checks the files' hashes
@@ -280,7 +281,7 @@ def load_model(name: str, seed: int = 0) -> gpt.GPT:
 def prepare_data(cfg, model, enc):
     """The training and validation datasets, and the validation entries."""
     entries = load_entries(cfg.data)[:cfg.limit or None]
-    train_e, val_e, test_e = split(entries)
+    train_e, test_e, val_e = split(entries)
     if not (train_e and val_e and test_e):
         raise ValueError(f"{cfg.data}: {len(entries)} entries are too few to split: at least 10")
     cfg.max_length = min(cfg.max_length, model.config.n_positions)  # where the position table ends
@@ -290,7 +291,7 @@ def prepare_data(cfg, model, enc):
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
         f"{cut} cut to --max-length {cfg.max_length}")
     for name, items in (("training", list(train_set)), ("validation", list(val_set))):
-        targets = [collate([item], allowed_max_length=cfg.max_length)[1] for item in items]
+        targets = [custom_collate_fn([item], allowed_max_length=cfg.max_length)[1] for item in items]
         masked = sum(not (row != IGNORE).any() for row in targets)  # cut before the response
         if masked:
             log(f"{masked} of {len(items)} {name} rows keep no target (cut before their response)")
@@ -400,17 +401,17 @@ def lr_factor(step: int, steps: int, warmup_steps=0, cosine=False) -> float:
 
 def loss_and_backward(model, micro_batches, device) -> tuple:
     """Gradients of the mean loss over all the micro-batches' targets, as one batch of their rows
-    (accumulation); returns the summed loss and the target count, on the device."""
-    batches = [(inputs.to(device), targets.to(device)) for inputs, targets in micro_batches]
-    count = sum((targets != IGNORE).sum() for _, targets in batches)
+    (accumulation): each calc_loss_batch weighted by its share of the targets. Returns the
+    summed loss (on the device) and the target count."""
+    counts = [int((targets != IGNORE).sum()) for _, targets in micro_batches]
     summed = torch.zeros((), device=device)
-    for inputs, targets in batches:
-        logits = model(inputs)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                                 reduction="sum")
-        (loss / count.clamp(min=1)).backward()  # a step without targets: no gradient, no NaN
+    for (inputs, targets), count in zip(micro_batches, counts):
+        if count == 0:  # no target: its mean is NaN, and it adds nothing
+            continue
+        loss = calc_loss_batch(inputs, targets, model, device) * count  # the targets' sum
+        (loss / sum(counts)).backward()
         summed += loss.detach()
-    return summed, count
+    return summed, sum(counts)
 
 def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, after_epoch):
     """The tool's train_model_simple: accumulation, appendix D's schedule and clipping, a report's
@@ -459,7 +460,7 @@ def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, afte
 
 def train(cfg: TrainConfig):
     before = claim_out(cfg.out)  # first: an unwritable --out must not cost a training
-    enc = tokenizer()
+    enc = load_tokenizer()
     device = pick_device(cfg.device)
     if cfg.precision == "auto":  # run.json keeps what it trained in
         cfg.precision = "bf16" if native_bf16(device) else "fp32"
@@ -476,7 +477,7 @@ def train(cfg: TrainConfig):
     trainable = sum(p.numel() for p in params)
     log(f"model: {cfg.model} on {device} in {cfg.precision}, {trainable:,} trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    collate_fn = partial(collate, allowed_max_length=cfg.max_length)
+    collate_fn = partial(custom_collate_fn, allowed_max_length=cfg.max_length)
     shuffle = torch.Generator().manual_seed(cfg.seed)  # the batch order: --seed's
     train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True,
                               generator=shuffle, collate_fn=collate_fn)
@@ -542,7 +543,7 @@ def generate_command(a):
     if a.temperature < 0 or (a.top_k is not None and a.top_k < 1):
         raise ValueError("--temperature must be 0 or more, and --top-k 1 or more")
     model, cfg = load_run(a.out, a.device)  # once, however many instructions follow
-    enc = tokenizer()
+    enc = load_tokenizer()
     top_k = None if a.top_k is None else min(a.top_k, model.config.vocab_size)
     chat = a.instruction is None
     if chat and sys.stdin.isatty():  # in a pipe, nothing but the answers
@@ -579,8 +580,8 @@ def eval_command(a):
         judge.preflight(a.judge, a.url)
     except ValueError as e:  # said now, not after minutes of answering
         log(f"warning: {e}; the responses will still be generated and saved")
-    test = split(load_entries(cfg.data)[:cfg.limit or None])[2]  # train has checked the split
-    responses = answer(model, test, tokenizer(), cfg.style, progress=True)
+    test = split(load_entries(cfg.data)[:cfg.limit or None])[1]  # train has checked the split
+    responses = answer(model, test, load_tokenizer(), cfg.style, progress=True)
     path = os.path.join(a.out, RESPONSES + ".json")
     answered = [{**e, "model_response": r} for e, r in zip(test, responses)]
     gpt.write_text(path, json.dumps(answered, indent=2))

@@ -47,13 +47,13 @@ def flops_per_token(c, T):
 
 def bench_training(peak, bf16=False, steps=6, batch=8):
     """Tokens/s and MFU of forward + backward + fused AdamW, as sft.train runs them, in fp32 or under bf16 autocast."""
-    enc, cfg = sft.tokenizer(), sft.TrainConfig(batch_size=batch)
+    enc, cfg = sft.load_tokenizer(), sft.TrainConfig(batch_size=batch)
     rows = sft.InstructionDataset(sft.split(sft.load_entries(DATA))[0], enc).encoded_texts
     model, dev = small(), torch.device("cpu")
     if bf16:
         sft.autocast_training(model, dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)  # as sft.train
-    batches = [sft.collate(rows[i * batch:(i + 1) * batch]) for i in range(steps + 1)]
+    batches = [sft.custom_collate_fn(rows[i * batch:(i + 1) * batch]) for i in range(steps + 1)]
     done, flops, t0 = 0, 0, None
     for i, (x, y) in enumerate(batches):
         if i == 1:
@@ -72,8 +72,8 @@ def bench_training(peak, bf16=False, steps=6, batch=8):
 
 
 def bench_generation(new=64, plain_prompts=2):
-    enc = sft.tokenizer()
-    test = sft.split(sft.load_entries(DATA))[2]
+    enc = sft.load_tokenizer()
+    test = sft.split(sft.load_entries(DATA))[1]
     prompts = [enc.encode_ordinary(sft.format_input(e)) for e in test]  # the book's prompt: the model writes the marker
     model = small().eval()
     t0 = time.perf_counter()
@@ -97,9 +97,9 @@ def bench_loops(steps=15, batch=8, every=5):
     (summed loss and target count kept on the device), a fused AdamW step; every 5 steps the gradient norm and one
     validation batch of 8 rows. Left out of both: what each does once an epoch (the book's 50-token sample, the tool's
     whole-set validation, answer and save)."""
-    enc = sft.tokenizer()
-    train_e, val_e, _ = sft.split(sft.load_entries(DATA))
-    collate = partial(sft.collate, allowed_max_length=1024)  # the book's call
+    enc = sft.load_tokenizer()
+    train_e, _, val_e = sft.split(sft.load_entries(DATA))
+    collate = partial(sft.custom_collate_fn, allowed_max_length=1024)  # the book's call
     train_loader = DataLoader(sft.InstructionDataset(train_e[:steps * batch], enc), batch, collate_fn=collate)
     val_loader = DataLoader(sft.InstructionDataset(val_e, enc), batch, collate_fn=collate)
     quiet = io.StringIO()

@@ -82,7 +82,7 @@ def test_evals_responses_are_the_chapters_respond_loop_answers(memorised, capsys
     model, cfg = sft.load_run(str(memorised), "cpu")
     test = [{k: e[k] for k in ("instruction", "input", "output")} for e in saved]
     assert [(e["instruction"], e["output"]) for e in test] == [MEMO[8][::2], MEMO[9][::2]] * 5  # the test split
-    book = sft.respond(model, test[:2], sft.tokenizer(), "cpu", style="phi3")  # the two distinct entries
+    book = sft.respond(model, test[:2], sft.load_tokenizer(), "cpu", style="phi3")  # the two distinct entries
     assert [r["model_response"] for r in saved] == book * 5 and all(book)
     assert len(bodies) == 2  # the judge is asked once per distinct prompt
     assert not any("<|assistant|>" in r or "<|user|>" in r for r in book)
@@ -254,10 +254,10 @@ def test_responses_come_back_in_the_entries_order_not_the_length_order(tmp_path,
     out = fake_run(tmp_path, filler + test + [("Val.", "", "v")] * 2)  # 30 entries: 25 train, 3 test, 2 validation
     model, cfg = sft.load_run(str(out), "cpu")
     entries = [{"instruction": i, "input": x, "output": o} for i, x, o in test]
-    alone = [sft.answer(model, [e], sft.tokenizer(), max_new_tokens=8)[0] for e in entries]
+    alone = [sft.answer(model, [e], sft.load_tokenizer(), max_new_tokens=8)[0] for e in entries]
     assert len(set(alone)) == 3  # distinct answers, so a mix-up would show
-    assert sft.answer(model, entries, sft.tokenizer(), max_new_tokens=8) == alone
-    assert sft.respond(model, entries, sft.tokenizer(), "cpu", max_new_tokens=8) == alone  # the chapter's slow loop
+    assert sft.answer(model, entries, sft.load_tokenizer(), max_new_tokens=8) == alone
+    assert sft.respond(model, entries, sft.load_tokenizer(), "cpu", max_new_tokens=8) == alone  # the chapter's slow loop
     monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{free_port()}")
     run(capsys, "eval", "--out", out)  # no judge: the responses (256 tokens each) are still written
     saved = json.loads((out / "instruction-data-with-response.json").read_text())

@@ -27,9 +27,9 @@ options = st.fixed_dictionaries({"max_length": st.one_of(st.none(), st.integers(
 
 
 def collate(batch, max_length=None, mask_prompt=False):
-    """sft.collate on rows (ids, prompt_len): the book's id lists, or with mask_prompt exercise 7.2's (prompt_len, ids)."""
+    """sft.custom_collate_fn on rows (ids, prompt_len): the book's id lists, or with mask_prompt exercise 7.2's (prompt_len, ids)."""
     items = [(plen, ids) if mask_prompt else ids for ids, plen in batch]
-    return sft.collate(items, allowed_max_length=max_length)
+    return sft.custom_collate_fn(items, allowed_max_length=max_length)
 
 
 def full(batch, **kw):
@@ -95,21 +95,21 @@ def test_padding_is_per_batch_to_the_longest_row(batch):
 
 
 def test_the_books_worked_example():
-    inputs, targets = sft.collate([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    inputs, targets = sft.custom_collate_fn([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
     assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, EOT, EOT, EOT], [7, 8, 9, EOT, EOT]]
     assert targets.tolist() == [[1, 2, 3, 4, EOT], [6, EOT, IGN, IGN, IGN], [8, 9, EOT, IGN, IGN]]
-    _, masked = sft.collate([(3, [0, 1, 2, 3, 4]), (1, [5, 6]), (2, [7, 8, 9])])  # exercise 7.2's (prompt_len, ids)
+    _, masked = sft.custom_collate_fn([(3, [0, 1, 2, 3, 4]), (1, [5, 6]), (2, [7, 8, 9])])  # exercise 7.2's (prompt_len, ids)
     assert masked.tolist() == [[IGN, IGN, 3, 4, EOT], [6, EOT, IGN, IGN, IGN], [IGN, 9, EOT, IGN, IGN]]
 
 
 def test_the_books_dataloader_call_gives_batches_on_the_device_asked_for():
-    dataset = sft.InstructionDataset(json.loads(DATA.read_text())[:20], sft.tokenizer())
-    collate_fn = partial(sft.collate, device="meta", allowed_max_length=1024)  # the book's call (meta: a device)
+    dataset = sft.InstructionDataset(json.loads(DATA.read_text())[:20], sft.load_tokenizer())
+    collate_fn = partial(sft.custom_collate_fn, device="meta", allowed_max_length=1024)  # the book's call (meta: a device)
     loader = DataLoader(dataset, batch_size=8, collate_fn=collate_fn, shuffle=False, drop_last=False, num_workers=0)
     batches = list(loader)
     assert [tuple(inputs.shape)[0] for inputs, _ in batches] == [8, 8, 4]
     assert all(inputs.device.type == targets.device.type == "meta" for inputs, targets in batches)
-    inputs, targets = sft.collate([dataset[i] for i in range(8)])
+    inputs, targets = sft.custom_collate_fn([dataset[i] for i in range(8)])
     assert inputs.shape == batches[0][0].shape and inputs[0, :len(dataset[0])].tolist() == dataset[0]
 
 
@@ -117,8 +117,8 @@ def test_the_books_dataloader_call_gives_batches_on_the_device_asked_for():
 def test_books_split_and_prompt_templates_to_the_character():
     entries = sft.load_entries()  # the default: the book's file, shipped in data/
     assert entries == sft.load_entries(str(DATA)) and sft.TrainConfig().data == str(DATA)
-    train, val, test = sft.split(entries)
-    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    train, test, val = sft.split(entries)  # the book's order
+    assert (len(train), len(test), len(val)) == (935, 110, 55)
     assert train == entries[:935] and test == entries[935:1045] and val == entries[1045:]
     e50, e999 = entries[50], entries[999]
     assert e50["input"] and not e999["input"]
@@ -128,14 +128,14 @@ def test_books_split_and_prompt_templates_to_the_character():
     assert sft.format_input_phi(e50) == f"<|user|>\n{e50['instruction']}\n{e50['input']}"  # exercise 7.1
     assert sft.format_input_phi(e999) == f"<|user|>\n{e999['instruction']}"
     assert sft.STYLES == {"alpaca": (sft.format_input, "### Response:"), "phi3": (sft.format_input_phi, "<|assistant|>:")}
-    enc = sft.tokenizer()  # the training texts: the prompt, the marker on its own line, the output
+    enc = sft.load_tokenizer()  # the training texts: the prompt, the marker on its own line, the output
     for style, text in (("alpaca", f"{sft.format_input(e50)}\n\n### Response:\n{e50['output']}"),
                         ("phi3", f"<|user|>\n{e50['instruction']}\n{e50['input']}\n<|assistant|>:\n{e50['output']}")):
         assert enc.decode(sft.InstructionDataset([e50], enc, style).encoded_texts[0]) == text
 
 
 def test_tokens_are_the_whole_text_encoded_at_once_and_end_of_text_in_data_is_plain_text():
-    enc = sft.tokenizer()
+    enc = sft.load_tokenizer()
     entry = {"instruction": "Say <|endoftext|> twice.", "input": "", "output": "<|endoftext|> <|endoftext|>"}
     plen, ids = sft.InstructionDataset([entry], enc, mask_prompt=True)[0]
     assert EOT not in ids and sft.InstructionDataset([entry], enc)[0] == ids
@@ -144,7 +144,7 @@ def test_tokens_are_the_whole_text_encoded_at_once_and_end_of_text_in_data_is_pl
     assert plen == len(enc.encode_ordinary(sft.format_input(entry)))
     assert enc.decode(ids[:plen]) == sft.format_input(entry)
     assert enc.decode(ids[plen:]) == "\n\n### Response:\n" + entry["output"]
-    _, targets = sft.collate([(plen, ids)])
+    _, targets = sft.custom_collate_fn([(plen, ids)])
     kept = targets[0][targets[0] != IGN].tolist()
     assert kept == ids[plen:] + [EOT]  # from the marker's first token on, then the one end-of-text
     assert enc.decode(kept[:6]) == "\n\n### Response:\n"
@@ -155,7 +155,7 @@ def test_tokens_are_the_whole_text_encoded_at_once_and_end_of_text_in_data_is_pl
 def test_the_tokenizer_works_offline_from_the_shipped_files(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
     env.update(HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", TMPDIR=str(tmp_path))  # no network
-    code = "import sft; print(sft.tokenizer().encode('Hello world<|endoftext|>', allowed_special='all'))"
+    code = "import sft; print(sft.load_tokenizer().encode('Hello world<|endoftext|>', allowed_special='all'))"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=DATA.parents[1])
     assert p.stdout == "[15496, 995, 50256]\n", p.stderr  # GPT-2's ids, as the book shows for "Hello world"
 
@@ -189,8 +189,8 @@ def test_too_few_entries_to_split_names_the_source(tmp_path, capsys):
     assert code == f"error: {path}: 9 entries are too few to split: at least 10"  # --limit 9: no test entry
     assert "step 0" not in err
     assert [len(x) for x in sft.split([{}] * 10)] == [8, 1, 1]
-    assert [len(x) for x in sft.split([{}] * 20)] == [17, 1, 2]
-    assert [len(x) for x in sft.split([{}] * 9)] == [7, 2, 0]  # the book's split: arithmetic only, no error
+    assert [len(x) for x in sft.split([{}] * 20)] == [17, 2, 1]
+    assert [len(x) for x in sft.split([{}] * 9)] == [7, 0, 2]  # the book's split: arithmetic only, no error
 
 
 def test_data_from_a_url_is_downloaded_once_then_read_from_the_cache():

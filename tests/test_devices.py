@@ -82,7 +82,7 @@ def attention_dtypes(model):
 def test_bf16_autocasts_the_differentiated_forwards_only_and_keeps_the_weights_and_logits_fp32():
     model = tiny_model(seed=2)
     seen = attention_dtypes(model)
-    inputs, targets = sft.collate([(2, [5, 9, 14, 3]), (1, [8, 2])], pad_token_id=0)
+    inputs, targets = sft.custom_collate_fn([(2, [5, 9, 14, 3]), (1, [8, 2])], pad_token_id=0)
     fp32 = sft.calc_loss_batch(inputs, targets, model, "cpu")  # a string device, as the book passes it
     sft.autocast_training(model, torch.device("cpu"))
     bf16 = sft.calc_loss_batch(inputs, targets, model, "cpu")  # a training step's forward

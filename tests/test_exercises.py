@@ -1,5 +1,6 @@
 """The chapter's exercises as flags: LoRA (7.4), gradient accumulation (7.3); style and masking (7.1, 7.2) are in test_cli."""
 import json, math
+from functools import partial
 
 import pytest
 import torch
@@ -37,12 +38,32 @@ def test_lora_starts_at_the_base_model_trains_only_adapters_and_merges_exactly(t
         assert torch.equal(saved[k], fresh.state_dict()[k])
 
 
+def test_the_tools_training_step_runs_the_chapters_calc_loss_batch_and_skips_a_micro_batch_without_targets(monkeypatch):
+    seen = []
+    chapters = sft.calc_loss_batch
+    def doubled(input_batch, target_batch, model, device):  # a student's change to the chapter's loss
+        seen.append(input_batch.shape[0])
+        return 2 * chapters(input_batch, target_batch, model, device)
+    monkeypatch.setattr(sft, "calc_loss_batch", doubled)
+    rows = [(1, [5, 9, 14, 3]), (2, [8, 2, 7])]
+    collate = partial(sft.custom_collate_fn, pad_token_id=0)  # the tiny model's vocabulary is 512
+    no_target = collate([(4, [5, 9, 14, 3])], allowed_max_length=3)  # cut before its response
+    assert (no_target[1] == -100).all()
+    model = tiny_model(seed=5)
+    inputs, targets = collate(rows)
+    summed, count = sft.loss_and_backward(model, [(inputs, targets), no_target], "cpu")
+    assert seen == [2] and count == 6  # the micro-batch without a target is never measured: no NaN
+    plain = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum")
+    assert torch.allclose(summed, 2 * plain.detach())  # the change reached training
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_gradient_accumulation_equals_one_batch_of_all_the_rows():
     g = torch.Generator().manual_seed(0)
     rows = [(p, torch.randint(0, 512, (n,), generator=g).tolist()) for n, p in ((3, 1), (9, 4), (5, 5), (12, 2), (2, 1))]
     def grads(parts):
         model = tiny_model(seed=5)
-        loss, n = sft.loss_and_backward(model, [sft.collate(part, pad_token_id=0) for part in parts], "cpu")
+        loss, n = sft.loss_and_backward(model, [sft.custom_collate_fn(part, pad_token_id=0) for part in parts], "cpu")
         return loss / n, [p.grad.clone() for p in model.parameters()]
     whole_loss, whole = grads([rows])
     split_loss, split = grads([rows[:2], rows[2:3], rows[3:]])  # micro-batches with 10, 1 and 11 target tokens
@@ -95,13 +116,13 @@ def test_lora_run_saves_a_plain_checkpoint_in_a_whole_hugging_face_folder_and_re
 
 def assert_a_whole_hugging_face_folder(out, cache):
     """config.json names the context and end-of-text, and tiktoken built from the folder's own vocab.json and
-    merges.txt encodes the book's 1,100 entries exactly as sft.tokenizer() does."""
+    merges.txt encodes the book's 1,100 entries exactly as sft.load_tokenizer() does."""
     import os
     import tiktoken.load
     from conftest import DATA
     config = json.loads((out / "config.json").read_text())
     assert (config["n_ctx"], config["bos_token_id"], config["eos_token_id"]) == (config["n_positions"], 50256, 50256)
-    reference = sft.tokenizer()
+    reference = sft.load_tokenizer()
     before = os.environ["TIKTOKEN_CACHE_DIR"]
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)  # tiktoken caches what it reads: never into data/
     try:
@@ -179,9 +200,9 @@ def test_the_learning_rate_follows_warmup_then_the_schedule_as_transformers(sche
 
 def memo_loaders(batch_size=2, train_rows=8):
     """MEMO's first train_rows rows in order, then the rest for validation, as the tool's alpaca id lists."""
-    rows = list(sft.InstructionDataset([{"instruction": i, "input": x, "output": o} for i, x, o in MEMO], sft.tokenizer()))
-    return (DataLoader(rows[:train_rows], batch_size=batch_size, collate_fn=sft.collate),
-            DataLoader(rows[train_rows:], batch_size=2, collate_fn=sft.collate))
+    rows = list(sft.InstructionDataset([{"instruction": i, "input": x, "output": o} for i, x, o in MEMO], sft.load_tokenizer()))
+    return (DataLoader(rows[:train_rows], batch_size=batch_size, collate_fn=sft.custom_collate_fn),
+            DataLoader(rows[train_rows:], batch_size=2, collate_fn=sft.custom_collate_fn))
 
 
 def steps_seen(monkeypatch, **settings):
@@ -246,7 +267,7 @@ def test_a_report_holds_its_own_steps_loss_over_their_targets_and_the_norm_befor
 
     def backward(model, micro_batches, *args):
         summed, count = TRAINING_STEP(model, micro_batches, *args)
-        results.append((summed.item(), count.item()))
+        results.append((summed.item(), count))
         raw.append(global_norm([p.grad for p in model.parameters()]))
         return summed, count
     monkeypatch.setattr(sft, "loss_and_backward", backward)

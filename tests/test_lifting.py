@@ -22,7 +22,7 @@ import sft
 from conftest import DATA
 
 ENTRIES = json.loads(DATA.read_text())  # the book's 1,100
-TOKENIZER = sft.tokenizer()
+TOKENIZER = sft.load_tokenizer()
 CONTEXT = 256  # the stand-in GPTModel's context: not GPT-2's 1024, so a function must read the model's
 
 
@@ -251,17 +251,18 @@ def gpt_instruction_finetuning() -> dict:
 
 def ollama_evaluate() -> dict:
     """The chapter's scoring script, whose loop holds the judge's prompt."""
-    return {"json": json, "urllib": urllib, "format_input": format_input}
+    return {"json": json, "format_input": format_input}  # and requests, psutil, tqdm: never called here
 
 
 # each chapter function: the module whose chapter part holds it, and the book file holding the one it replaces
-# (collate stands for custom_collate_fn, respond for main()'s answer loop, judge_prompt for the scoring
+# (respond stands for main()'s answer loop, judge_prompt for the scoring
 # loop's prompt)
 PASTED = {**{name: (sft, gpt_instruction_finetuning)
-             for name in ("format_input", "format_input_phi", "InstructionDataset", "collate", "respond")},
+             for name in ("format_input", "format_input_phi", "InstructionDataset", "custom_collate_fn", "respond")},
           **{name: (sft, previous_chapters)
              for name in ("calc_loss_batch", "calc_loss_loader", "train_model_simple")},
-          "generate": (gpt, previous_chapters), "judge_prompt": (judge, ollama_evaluate)}
+          "generate": (gpt, previous_chapters), "judge_prompt": (judge, ollama_evaluate),
+          "query_model": (judge, ollama_evaluate)}
 
 
 def chapter_part(module) -> str:
@@ -351,7 +352,7 @@ def batches(loader):
 def test_collate_pasted_in_the_books_partial_batches_as_custom_collate_fn(allowed_max_length):
     ids = list(InstructionDataset(ENTRIES, TOKENIZER))
     assert not any(50256 in row for row in ids)  # so the book's masking by value is masking by position
-    ours = partial(pasted("collate"), device="cpu", allowed_max_length=allowed_max_length)  # the book's call
+    ours = partial(pasted("custom_collate_fn"), device="cpu", allowed_max_length=allowed_max_length)  # the book's call
     book = partial(custom_collate_fn, device="cpu", allowed_max_length=allowed_max_length)
     for items in (ids, masked_items(ENTRIES, TOKENIZER)):
         assert batches(DataLoader(items, batch_size=8, collate_fn=ours)) == \
@@ -497,6 +498,20 @@ def test_judge_prompt_pasted_gives_the_books_prompt():
                 "score. Respond with the integer number only.")
         prompt = namespace["format_input"](entry)  # the book's, in its loop
         assert namespace["judge_prompt"](prompt, entry["output"], entry["model_response"]) == book
+
+
+def test_query_model_pasted_posts_the_books_request_to_the_url_it_is_given():
+    from conftest import ollama
+    url, bodies = ollama(replies=["Score: 72"])
+    query_model = pasted("query_model")
+    assert query_model("q", "llama3", url + "/api/chat") == "Score: 72"  # the book's call
+    assert query_model("r", "phi3", url + "/elsewhere/api/chat") == "Score: 72"
+    assert bodies.paths == ["/api/chat", "/elsewhere/api/chat"]  # the endpoint as given, nothing added
+    book_options = {"seed": 123, "temperature": 0, "num_ctx": 2048}
+    assert bodies[0] == {"model": "llama3", "messages": [{"role": "user", "content": "q"}],
+                         "options": book_options, "stream": False}
+    assert bodies[1]["model"] == "phi3"
+    assert inspect.signature(query_model).parameters["url"].default == "http://localhost:11434/api/chat"
 
 
 # ---------------- the tool's fast path gives the book's generate

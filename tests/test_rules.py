@@ -33,27 +33,27 @@ def reference_mean_loss(model, rows, mask_prompt=False):
 
 def test_the_step_loss_is_the_mean_over_target_tokens_and_its_gradient_matches():
     model = tiny_model(seed=7, vocab=50257)
-    micro = [sft.collate(PLAIN[:1]), sft.collate(PLAIN[1:])]  # 6 targets, then 2 + 10 + 3
+    micro = [sft.custom_collate_fn(PLAIN[:1]), sft.custom_collate_fn(PLAIN[1:])]  # 6 targets, then 2 + 10 + 3
     loss, count = sft.loss_and_backward(model, micro, CPU)
     assert count == 21 and (loss / count).item() == pytest.approx(reference_mean_loss(model, ROWS), rel=1e-5)
     got = model.h[0].mlp.c_fc.weight.grad.clone()
     model.zero_grad()
-    inputs, targets = sft.collate(PLAIN)
+    inputs, targets = sft.custom_collate_fn(PLAIN)
     F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE).backward()
     assert torch.allclose(got, model.h[0].mlp.c_fc.weight.grad, atol=1e-6)
 
 
 def test_validation_loss_is_the_books_mean_of_batch_means_not_token_weighted():
     model = tiny_model(seed=8, vocab=50257)
-    loader = DataLoader(MASKED, batch_size=3, collate_fn=sft.collate)  # batches of 5 + 2 + 4 targets, then 3
+    loader = DataLoader(MASKED, batch_size=3, collate_fn=sft.custom_collate_fn)  # batches of 5 + 2 + 4 targets, then 3
     first, second = reference_mean_loss(model, ROWS[:3], True), reference_mean_loss(model, ROWS[3:], True)
     assert sft.calc_loss_loader(loader, model, "cpu") == pytest.approx((first + second) / 2, rel=1e-5)
     token_weighted = reference_mean_loss(model, ROWS, True)
     assert abs((first + second) / 2 - token_weighted) > 1e-3  # so the two rules are told apart here
     assert sft.calc_loss_loader(loader, model, "cpu", num_batches=1) == pytest.approx(first, rel=1e-5)
     assert sft.calc_loss_loader(loader, model, "cpu", num_batches=5) == pytest.approx((first + second) / 2, rel=1e-5)
-    assert math.isnan(sft.calc_loss_loader(DataLoader([], batch_size=3, collate_fn=sft.collate), model, "cpu"))
-    no_target = DataLoader([(10, [5, 9, 14, 3, 7])], collate_fn=partial(sft.collate, allowed_max_length=4))
+    assert math.isnan(sft.calc_loss_loader(DataLoader([], batch_size=3, collate_fn=sft.custom_collate_fn), model, "cpu"))
+    no_target = DataLoader([(10, [5, 9, 14, 3, 7])], collate_fn=partial(sft.custom_collate_fn, allowed_max_length=4))
     assert math.isnan(sft.calc_loss_loader(no_target, model, "cpu"))  # cut before the response: no target, NaN
 
 
@@ -139,8 +139,8 @@ def test_each_prompt_has_its_own_budget_so_a_long_neighbour_cuts_no_answer():
 
 def test_the_split_truncates_fractions_as_the_book_does():
     entries = [{"instruction": str(i), "output": ""} for i in range(30)]  # 0.85 x 30 = 25.5: int 25, round 26
-    train, val, test = sft.split(entries)
-    assert (len(train), len(val), len(test)) == (25, 2, 3)
+    train, test, val = sft.split(entries)
+    assert (len(train), len(test), len(val)) == (25, 3, 2)
 
 
 # ---------------------------------------------------------------- more rules found by planting bugs
@@ -207,7 +207,7 @@ def prompts_answered(monkeypatch, reply=()):
 
 
 def test_an_answers_prompt_is_plain_text_as_in_training(monkeypatch):
-    enc = sft.tokenizer()
+    enc = sft.load_tokenizer()
     entry = {"instruction": "Repeat <|endoftext|> twice.", "input": "a <|endoftext|> b", "output": ""}
     seen = prompts_answered(monkeypatch, reply=enc.encode_ordinary("\n\n### Response:\nRed. "))
     assert sft.answer(tiny_model(), [entry], enc) == ["Red."]  # the model's own marker taken out, then stripped
@@ -219,11 +219,11 @@ def test_an_answers_prompt_is_plain_text_as_in_training(monkeypatch):
 def test_generate_answers_in_the_runs_own_prompt_style(tmp_path, capsys, monkeypatch):
     from test_cli import MEMO, fake_run, run
     out = fake_run(tmp_path, MEMO, style="phi3")
-    written = sft.tokenizer().encode_ordinary("\n<|assistant|>:\nBlue.")  # the model writes the marker itself
+    written = sft.load_tokenizer().encode_ordinary("\n<|assistant|>:\nBlue.")  # the model writes the marker itself
     seen = prompts_answered(monkeypatch, reply=written)
     code, stdout, err = run(capsys, "generate", "--out", out, "Name a color.", "--input", "bright")
     assert code == 0, err
-    assert sft.tokenizer().decode(seen[0]) == "<|user|>\nName a color.\nbright"  # the book's prompt: no marker
+    assert sft.load_tokenizer().decode(seen[0]) == "<|user|>\nName a color.\nbright"  # the book's prompt: no marker
     assert stdout == "Blue.\n"  # exercise 7.1's marker, with its colon, taken out of the answer
 
 
@@ -301,7 +301,7 @@ def test_the_curve_is_the_books_loss_of_the_first_8_rows_and_the_whole_set_is_me
     assert code == 0, err
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 20] and {m["val_rows"] for m in metrics} == {8}
-    rows = [(ids, 1) for ids in sft.InstructionDataset(sft.split(sft.load_entries(data))[1], sft.tokenizer())]
+    rows = [(ids, 1) for ids in sft.InstructionDataset(sft.split(sft.load_entries(data))[2], sft.load_tokenizer())]
     model = gpt.from_pretrained(str(out))
     for m in metrics:  # ceil(8 / 4) = 2 batches of the same 8 rows each time, the book's mean of their two means
         model.load_state_dict(weights[m["step"]])
@@ -319,11 +319,11 @@ def test_the_books_loop_steps_each_batch_from_fresh_gradients_and_measures_eval_
     """train_model_simple against the loop written anew: zero_grad before each batch's backward, then every eval_freq
     steps the mean of the first eval_iter batches' losses of each loader; tokens seen count padding; after each epoch
     a greedy 50-token sample after start_context, on one line."""
-    enc = sft.tokenizer()
+    enc = sft.load_tokenizer()
     from test_cli import MEMO
     rows = list(sft.InstructionDataset([{"instruction": i, "input": x, "output": o} for i, x, o in MEMO], enc))
-    train_loader = DataLoader(rows[:8], batch_size=2, collate_fn=sft.collate)
-    val_loader = DataLoader(rows[6:], batch_size=2, collate_fn=sft.collate)
+    train_loader = DataLoader(rows[:8], batch_size=2, collate_fn=sft.custom_collate_fn)
+    val_loader = DataLoader(rows[6:], batch_size=2, collate_fn=sft.custom_collate_fn)
 
     def measured(model, loader, n):
         with torch.no_grad():
@@ -381,7 +381,7 @@ def test_no_batched_matmul_of_a_training_step_sums_over_32767_terms_or_more():
     """torch 2.14 routes only 2-D products summing over 32,767 or more around the M1/M2 MPS kernel that reads past its
     inputs (pytorch#183535); batched ones (bmm, baddbmm) stay wrong there (pytorch#195163): none may be one."""
     model = tiny_model(seed=1, vocab=50257)
-    inputs, targets = sft.collate([[5, 9, 14, 3, 7], [8, 2]])
+    inputs, targets = sft.custom_collate_fn([[5, 9, 14, 3, 7], [8, 2]])
     seen = products_summed_over(model, inputs, targets)
     assert ("mm", 50257) in seen  # the tied head's input gradient sums over the vocabulary: a 2-D mm
     assert not [(op, n) for op, n in seen if op in ("bmm", "baddbmm", "addbmm") and n >= 32767]
