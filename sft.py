@@ -158,7 +158,8 @@ import judge
 import tiktoken
 
 IGNORE = -100  # targets that cross_entropy skips (its default ignore_index)
-STYLES = {"alpaca": (format_input, "### Response:"), "phi3": (format_input_phi, "<|assistant|>:")}
+# each prompt style's response marker: conversations (chat) are in their own template, below
+STYLES = {"alpaca": "### Response:", "phi3": "<|assistant|>:", "chat": "<|assistant|>:"}
 DATA = os.path.join(gpt.HERE, "data", "instruction-data.json")  # the book's 1,100 entries
 
 def log(message):  # progress and notes go to stderr; answers and scores to stdout
@@ -172,7 +173,7 @@ class TrainConfig:
     model: str = flag("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a folder, or tiny")
     data: str = flag(DATA, "a JSON list of entries: a path or URL (default: the book's)")
     out: str = flag(None, "the run folder (default: runs/<model name>)")
-    style: str = flag("alpaca", "prompt style (exercise 7.1)")
+    style: str = flag("alpaca", "prompt style (exercise 7.1); chat: set by conversations data")
     mask_prompt: bool = flag(False, "no loss on the prompt tokens (exercise 7.2)")
     epochs: int = flag(2, "passes over the training split")
     batch_size: int = flag(8, "rows per micro-batch")
@@ -210,21 +211,58 @@ class TrainConfig:
         if os.path.exists(self.data):  # absolute, so eval works from any folder
             self.data = os.path.abspath(self.data)
 
-# ---------------- data files
+# ---------------- data files: Alpaca entries or conversations
+ROLES = ("system", "user", "assistant")
+
+def parse_json(text: str) -> list:
+    """A JSON list, or JSON Lines (an entry per line; blank lines skipped)."""
+    if not text.lstrip().startswith("{"):
+        return json.loads(text)
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            entries += [json.loads(line)] if line.strip() else []
+        except ValueError as e:
+            raise ValueError(f"line {number}: {e}") from None
+    return entries
+
+def problem(entry, chat: bool):
+    """What is wrong with an entry of its file's kind (conversations if chat), or None."""
+    if not isinstance(entry, dict) or ("messages" in entry) != chat:
+        return "not an entry of the file's kind (a file holds Alpaca entries or conversations)"
+    if not chat:
+        for key in ("instruction", "input", "output"):
+            if not isinstance(entry.get(key, "" if key == "input" else None), str):  # input: optional
+                return f"{key!r} is missing or not a string"
+        return None
+    messages = entry["messages"]
+    if not (isinstance(messages, list) and messages):
+        return "'messages' is not a list of messages"
+    for k, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ROLES or (role == "system" and k > 0):
+            return f"message {k}: role {role!r} is not system (first only), user or assistant"
+        if not isinstance(m.get("content"), str):
+            return f"message {k}: 'content' is missing or not a string"
+    if messages[-1]["role"] != "assistant":
+        return "its last message is not the assistant's"
+    return None
+
 def read_entries(path: str) -> list:
-    """A JSON list of {instruction, input (optional), output} strings; a bad entry is named."""
+    """A JSON list or JSON Lines of Alpaca entries {instruction, input (optional), output}, or of
+    conversations {messages: [{role, content}, ...]}; a bad entry is named."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = parse_json(f.read())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8
         raise ValueError(f"{path}: cannot read JSON ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of entries, found a {type(data).__name__}")
+    chat = bool(data) and isinstance(data[0], dict) and "messages" in data[0]
     for i, entry in enumerate(data):
-        for key in ("instruction", "input", "output"):
-            default = "" if key == "input" else None  # input is the only optional key
-            if not isinstance(entry, dict) or not isinstance(entry.get(key, default), str):
-                raise ValueError(f"{path}: entry {i}: {key!r} is missing or not a string")
+        wrong = problem(entry, chat)
+        if wrong:
+            raise ValueError(f"{path}: entry {i}: {wrong}")
     return data
 
 def load_entries(source: str = DATA) -> list:
@@ -242,6 +280,48 @@ def load_tokenizer():
     """tiktoken's gpt2 encoding: the BPE files in data/, or in TIKTOKEN_CACHE_DIR."""
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", gpt.TIKTOKEN_CACHE)
     return tiktoken.get_encoding("gpt2")  # it checks the files' hashes
+
+# ---------------- conversations: exercise 7.1's Phi-3 markers on every turn
+TURNS = {"system": "<|system|>\n{}\n", "user": "<|user|>\n{}\n", "assistant": "<|assistant|>:\n{}"}
+OPEN_TURN = {"role": "assistant", "content": ""}  # an answer's prompt ends with its marker
+
+def chat_text(messages) -> str:
+    """The template as text; <|endoftext|> ends each assistant turn (in ids: 50256)."""
+    ends = {"assistant": "<|endoftext|>"}
+    return "".join(TURNS[m["role"]].format(m["content"]) + ends.get(m["role"], "") for m in messages)
+
+def encode_chat(messages, enc) -> tuple:
+    """(ids, answer): the template's ids (the last turn's end-of-text is collate's target), and
+    answer[j]: is token j an assistant's (its content, or the end-of-text after it)?"""
+    ids = []
+    answer = []
+    text = ""  # the turns since the last end-of-text
+    for k, m in enumerate(messages):
+        text += TURNS[m["role"]].format(m["content"])
+        if m["role"] != "assistant":
+            continue
+        start = len(text) - len(m["content"])  # where the answer begins
+        tokens = enc.encode_ordinary(text)  # at once, as InstructionDataset encodes
+        ids += tokens
+        answer += [offset >= start for offset in enc.decode_with_offsets(tokens)[1]]
+        if k < len(messages) - 1:
+            ids.append(gpt.EOT)
+            answer.append(True)
+        text = ""
+    return ids, answer
+
+def chat_rows(entries, enc, mask_prompt: bool) -> list:
+    """Conversations as training rows: their ids, or with mask_prompt (answer, ids) pairs."""
+    rows = [encode_chat(e["messages"], enc) for e in entries]
+    return [(answer, ids) if mask_prompt else ids for ids, answer in rows]
+
+def collate_turns(batch, allowed_max_length=None):
+    """custom_collate_fn for (answer, ids) pairs: a target only where it is an assistant's token."""
+    inputs, targets = custom_collate_fn([ids for _, ids in batch], allowed_max_length=allowed_max_length)
+    for row, (answer, _) in zip(targets, batch):
+        predicted = torch.tensor(answer[1:] + [True])  # position j predicts token j + 1; the last, EOT
+        row[:len(predicted)][~predicted[:len(row)]] = IGNORE
+    return inputs, targets
 
 # ---------------- devices and the model
 def pick_device(name: str) -> torch.device:
@@ -279,19 +359,32 @@ def load_model(name: str, seed: int = 0) -> gpt.GPT:
     return gpt.from_pretrained(name)
 
 def prepare_data(cfg, model, enc):
-    """The training and validation datasets, and the validation entries."""
+    """The training and validation rows, the validation entries, and the collate function."""
     entries = load_entries(cfg.data)[:cfg.limit or None]
     train_e, test_e, val_e = split(entries)
     if not (train_e and val_e and test_e):
         raise ValueError(f"{cfg.data}: {len(entries)} entries are too few to split: at least 10")
     cfg.max_length = min(cfg.max_length, model.config.n_positions)  # where the position table ends
-    train_set = InstructionDataset(train_e, enc, cfg.style, cfg.mask_prompt)
-    val_set = InstructionDataset(val_e, enc, cfg.style, cfg.mask_prompt)
-    cut = sum(len(ids) > cfg.max_length for ids in train_set.encoded_texts + val_set.encoded_texts)
+    chat = "messages" in entries[0]
+    if chat:  # run.json keeps it: eval and generate follow
+        cfg.style = "chat"
+    elif cfg.style == "chat":
+        raise ValueError(f"{cfg.data}: --style chat is for conversations; Alpaca entries take "
+                         "alpaca or phi3")
+    collate = partial(collate_turns if (chat and cfg.mask_prompt) else custom_collate_fn,
+                      allowed_max_length=cfg.max_length)
+    if chat:
+        train_set = chat_rows(train_e, enc, cfg.mask_prompt)
+        val_set = chat_rows(val_e, enc, cfg.mask_prompt)
+    else:
+        train_set = InstructionDataset(train_e, enc, cfg.style, cfg.mask_prompt)
+        val_set = InstructionDataset(val_e, enc, cfg.style, cfg.mask_prompt)
+    rows = [item[1] if isinstance(item, tuple) else item for item in [*train_set, *val_set]]
+    cut = sum(len(ids) > cfg.max_length for ids in rows)
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
         f"{cut} cut to --max-length {cfg.max_length}")
     for name, items in (("training", list(train_set)), ("validation", list(val_set))):
-        targets = [custom_collate_fn([item], allowed_max_length=cfg.max_length)[1] for item in items]
+        targets = [collate([item])[1] for item in items]
         masked = sum(not (row != IGNORE).any() for row in targets)  # cut before the response
         if masked:
             log(f"{masked} of {len(items)} {name} rows keep no target (cut before their response)")
@@ -301,7 +394,7 @@ def prepare_data(cfg, model, enc):
                              f" {cfg.max_length} with --mask-prompt: raise it, or leave out --mask-prompt")
     if len(train_set) < cfg.batch_size * cfg.grad_accum:
         raise ValueError(f"--batch-size x --grad-accum is over the {len(train_set)} training rows")
-    return train_set, val_set, val_e
+    return train_set, val_set, val_e, collate
 
 def autocast_training(model, device: torch.device):
     """bf16 autocast on the differentiated forwards only: validation and answers run in fp32."""
@@ -465,7 +558,7 @@ def train(cfg: TrainConfig):
     if cfg.precision == "auto":  # run.json keeps what it trained in
         cfg.precision = "bf16" if native_bf16(device) else "fp32"
     model = load_model(cfg.model, cfg.seed)
-    train_set, val_set, val_e = prepare_data(cfg, model, enc)
+    train_set, val_set, val_e, collate_fn = prepare_data(cfg, model, enc)
     if cfg.lora_rank:
         model = gpt.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.neftune_alpha:
@@ -477,7 +570,6 @@ def train(cfg: TrainConfig):
     trainable = sum(p.numel() for p in params)
     log(f"model: {cfg.model} on {device} in {cfg.precision}, {trainable:,} trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    collate_fn = partial(custom_collate_fn, allowed_max_length=cfg.max_length)
     shuffle = torch.Generator().manual_seed(cfg.seed)  # the batch order: --seed's
     train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True,
                               generator=shuffle, collate_fn=collate_fn)
@@ -506,12 +598,19 @@ def train(cfg: TrainConfig):
         raise KeyboardInterrupt(kept) from None
     log(f"trained in {time.time() - started:.1f}s; validation loss {saved[-1]:.3f}")
 
+def prompt_ids(entry, enc, style: str) -> list:
+    """An answer's prompt: the book's (format_input, or 7.1's, alone), or a conversation's turns
+    before its last, then the assistant's marker."""
+    if style == "chat":
+        return encode_chat(entry["messages"][:-1] + [OPEN_TURN], enc)[0]
+    format_prompt = format_input_phi if style == "phi3" else format_input
+    return enc.encode_ordinary(format_prompt(entry))
+
 def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False,
            **sampling) -> list:
     """respond()'s answers, fast: 32 prompts of like length at a time through generate_batch."""
     model.eval()
-    format_prompt, marker = STYLES[style]
-    prompts = [enc.encode_ordinary(format_prompt(e)) for e in entries]
+    prompts = [prompt_ids(e, enc, style) for e in entries]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
     for k in range(0, len(order), 32):
@@ -519,7 +618,7 @@ def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=Fal
         new_ids = gpt.generate_batch(model, [prompts[i] for i in chunk], max_new_tokens,
                                      eos_id=gpt.EOT, **sampling)
         for i, ids in zip(chunk, new_ids):  # back in the entries' order
-            answers[i] = enc.decode(ids).replace(marker, "").strip()
+            answers[i] = enc.decode(ids).replace(STYLES[style], "").strip()
         if progress:
             log(f"answered {k + len(chunk)} of {len(prompts)}")
     return answers
@@ -538,24 +637,55 @@ def load_run(out: str, device: str):
         raise ValueError(f"{out}: holds no run that train wrote ({e}); train one there") from None
     return model.to(pick_device(device)), cfg
 
+def recent_turns(system, history, enc, room: int) -> list:
+    """The newest turns whose prompt, after the system message, fits in room tokens: the oldest
+    whole turns (a user's line and its answer) go first; the newest line stays."""
+    while len(history) > 1:
+        if len(prompt_ids({"messages": system + history + [OPEN_TURN]}, enc, "chat")) <= room:
+            break
+        history = history[2:]
+    return history
+
 def generate_command(a):
-    """generate: answers alone on stdout; no instruction: one per line of stdin."""
+    """generate: answers alone on stdout; no instruction: one per line of stdin. A run trained on
+    conversations remembers: each line is the user's next turn."""
     if a.temperature < 0 or (a.top_k is not None and a.top_k < 1):
         raise ValueError("--temperature must be 0 or more, and --top-k 1 or more")
     model, cfg = load_run(a.out, a.device)  # once, however many instructions follow
+    if a.system and cfg.style != "chat":
+        raise ValueError(f"--system: {a.out} was not trained on conversations")
     enc = load_tokenizer()
     top_k = None if a.top_k is None else min(a.top_k, model.config.vocab_size)
-    chat = a.instruction is None
-    if chat and sys.stdin.isatty():  # in a pipe, nothing but the answers
+    from_stdin = a.instruction is None
+    if from_stdin and sys.stdin.isatty():  # in a pipe, nothing but the answers
         log("instructions, one per line (Ctrl-D ends):")
-    for line in sys.stdin if chat else [a.instruction]:
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    history = []  # a conversation's turns so far
+    told = False  # that the oldest turns go, said once
+    room = model.config.n_positions - a.max_new_tokens  # the prompt's share of the context
+    for line in sys.stdin if from_stdin else [a.instruction]:
         entry = {"instruction": line.rstrip("\n"), "input": a.input}
+        if cfg.style == "chat":
+            turns = history + [{"role": "user", "content": line.rstrip("\n")}]
+            history = recent_turns(system, turns, enc, room)
+            if len(history) < len(turns) and not told:
+                log("the conversation outgrew the context: its oldest turns are left out")
+                told = True
+            entry = {"messages": system + history + [OPEN_TURN]}
         torch.manual_seed(a.seed)  # the same seed, the same answer
         answer_text = answer(model, [entry], enc, cfg.style, a.max_new_tokens,
                              temperature=a.temperature, top_k=top_k)[0]
-        if chat:  # one line per answer: its own line breaks are written as \n
+        history.append({"role": "assistant", "content": answer_text})
+        if from_stdin:  # one line per answer: its own line breaks are written as \n
             answer_text = answer_text.replace("\n", "\\n")
         print(answer_text, flush=True)
+
+def judge_parts(entry) -> tuple:
+    """The judge's input and correct output: the book's, or a conversation's turns before its last
+    (as text) and its last."""
+    if "messages" in entry:
+        return chat_text(entry["messages"][:-1]), entry["messages"][-1]["content"]
+    return format_input(entry), entry["output"]
 
 def judge_file(path: str, key: str, a):
     """Score every entry's response into X-scores.json beside X.json."""
@@ -563,7 +693,7 @@ def judge_file(path: str, key: str, a):
     for i, e in enumerate(entries):
         if not isinstance(e.get(key), str):
             raise ValueError(f"{path}: entry {i} has no string {key!r}; pick the field with --key")
-    prompts = [judge.judge_prompt(format_input(e), e["output"], e[key]) for e in entries]
+    prompts = [judge.judge_prompt(*judge_parts(e), e[key]) for e in entries]
     stem = path.removesuffix(".json")
     scores = judge.score_all(prompts, stem + "-scores.jsonl", a.judge, a.url, a.timeout)
     entries = [{**e, "score": score} for e, score in zip(entries, scores)]
@@ -586,7 +716,8 @@ def eval_command(a):
     answered = [{**e, "model_response": r} for e, r in zip(test, responses)]
     gpt.write_text(path, json.dumps(answered, indent=2))
     for e in answered[:3]:  # as the book shows them
-        log(f"\n{e['instruction']}\n\nCorrect response:\n>> {e['output']}\n\n"
+        question, correct = judge_parts(e)
+        log(f"\n{e.get('instruction', question)}\n\nCorrect response:\n>> {correct}\n\n"
             f"Model response:\n>> {e['model_response']}\n{'-' * 40}")
     log(f"{len(test)} test responses -> {path}; {responses.count('')} of them empty")
     try:
@@ -629,6 +760,7 @@ def main(argv=None):
     ge = sub.add_parser("generate", help="answer instructions with a trained run, on stdout")
     ge.add_argument("instruction", nargs="?", help="the instruction (none: one per line of stdin)")
     ge.add_argument("--input", default="", help="the instruction's input, if any")
+    ge.add_argument("--system", default="", help="a conversations run's system message")
     ge.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
     ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sample")
     ge.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
