@@ -285,30 +285,21 @@ def load_tokenizer():
 TURNS = {"system": "<|system|>\n{}\n", "user": "<|user|>\n{}\n", "assistant": "<|assistant|>:\n{}"}
 OPEN_TURN = {"role": "assistant", "content": ""}  # an answer's prompt ends with its marker
 
-def chat_text(messages) -> str:
-    """The template as text; <|endoftext|> ends each assistant turn (in ids: 50256)."""
-    ends = {"assistant": "<|endoftext|>"}
-    return "".join(TURNS[m["role"]].format(m["content"]) + ends.get(m["role"], "") for m in messages)
-
 def encode_chat(messages, enc) -> tuple:
-    """(ids, answer): the template's ids (the last turn's end-of-text is collate's target), and
-    answer[j]: is token j an assistant's (its content, or the end-of-text after it)?"""
+    """(ids, answer): the template's ids, each assistant turn ended by 50256 (the last one's is
+    collate's), and answer[j]: is token j an assistant's (its content or its end-of-text)?"""
     ids = []
     answer = []
     text = ""  # the turns since the last end-of-text
-    for k, m in enumerate(messages):
+    for m in messages:
         text += TURNS[m["role"]].format(m["content"])
-        if m["role"] != "assistant":
-            continue
-        start = len(text) - len(m["content"])  # where the answer begins
-        tokens = enc.encode_ordinary(text)  # at once, as InstructionDataset encodes
-        ids += tokens
-        answer += [offset >= start for offset in enc.decode_with_offsets(tokens)[1]]
-        if k < len(messages) - 1:
-            ids.append(gpt.EOT)
-            answer.append(True)
-        text = ""
-    return ids, answer
+        if m["role"] == "assistant":
+            tokens = enc.encode_ordinary(text)  # at once, as InstructionDataset encodes
+            start = len(text) - len(m["content"])  # where the answer begins
+            ids += tokens + [gpt.EOT]
+            answer += [at >= start for at in enc.decode_with_offsets(tokens)[1]] + [True]
+            text = ""
+    return ids[:-1], answer[:-1]
 
 def chat_rows(entries, enc, mask_prompt: bool) -> list:
     """Conversations as training rows: their ids, or with mask_prompt (answer, ids) pairs."""
@@ -680,12 +671,13 @@ def generate_command(a):
             answer_text = answer_text.replace("\n", "\\n")
         print(answer_text, flush=True)
 
-def judge_parts(entry) -> tuple:
+def judge_parts(entry, enc) -> tuple:
     """The judge's input and correct output: the book's, or a conversation's turns before its last
-    (as text) and its last."""
-    if "messages" in entry:
-        return chat_text(entry["messages"][:-1]), entry["messages"][-1]["content"]
-    return format_input(entry), entry["output"]
+    (as text, no marker) and its last."""
+    if "messages" not in entry:
+        return format_input(entry), entry["output"]
+    before = enc.decode(prompt_ids(entry, enc, "chat")).removesuffix(TURNS["assistant"][:-2])
+    return before, entry["messages"][-1]["content"]
 
 def judge_file(path: str, key: str, a):
     """Score every entry's response into X-scores.json beside X.json."""
@@ -693,7 +685,8 @@ def judge_file(path: str, key: str, a):
     for i, e in enumerate(entries):
         if not isinstance(e.get(key), str):
             raise ValueError(f"{path}: entry {i} has no string {key!r}; pick the field with --key")
-    prompts = [judge.judge_prompt(*judge_parts(e), e[key]) for e in entries]
+    enc = load_tokenizer()
+    prompts = [judge.judge_prompt(*judge_parts(e, enc), e[key]) for e in entries]
     stem = path.removesuffix(".json")
     scores = judge.score_all(prompts, stem + "-scores.jsonl", a.judge, a.url, a.timeout)
     entries = [{**e, "score": score} for e, score in zip(entries, scores)]
@@ -711,12 +704,13 @@ def eval_command(a):
     except ValueError as e:  # said now, not after minutes of answering
         log(f"warning: {e}; the responses will still be generated and saved")
     test = split(load_entries(cfg.data)[:cfg.limit or None])[1]  # train has checked the split
-    responses = answer(model, test, load_tokenizer(), cfg.style, progress=True)
+    enc = load_tokenizer()
+    responses = answer(model, test, enc, cfg.style, progress=True)
     path = os.path.join(a.out, RESPONSES + ".json")
     answered = [{**e, "model_response": r} for e, r in zip(test, responses)]
     gpt.write_text(path, json.dumps(answered, indent=2))
     for e in answered[:3]:  # as the book shows them
-        question, correct = judge_parts(e)
+        question, correct = judge_parts(e, enc)
         log(f"\n{e.get('instruction', question)}\n\nCorrect response:\n>> {correct}\n\n"
             f"Model response:\n>> {e['model_response']}\n{'-' * 40}")
     log(f"{len(test)} test responses -> {path}; {responses.count('')} of them empty")

@@ -127,7 +127,7 @@ def test_books_split_and_prompt_templates_to_the_character():
     assert sft.format_input(e999) == f"{head}\n\n### Instruction:\n{e999['instruction']}"  # the book's: no marker
     assert sft.format_input_phi(e50) == f"<|user|>\n{e50['instruction']}\n{e50['input']}"  # exercise 7.1
     assert sft.format_input_phi(e999) == f"<|user|>\n{e999['instruction']}"
-    assert sft.STYLES == {"alpaca": (sft.format_input, "### Response:"), "phi3": (sft.format_input_phi, "<|assistant|>:")}
+    assert sft.STYLES == {"alpaca": "### Response:", "phi3": "<|assistant|>:", "chat": "<|assistant|>:"}  # the markers
     enc = sft.load_tokenizer()  # the training texts: the prompt, the marker on its own line, the output
     for style, text in (("alpaca", f"{sft.format_input(e50)}\n\n### Response:\n{e50['output']}"),
                         ("phi3", f"<|user|>\n{e50['instruction']}\n{e50['input']}\n<|assistant|>:\n{e50['output']}")):
@@ -163,10 +163,11 @@ def test_the_tokenizer_works_offline_from_the_shipped_files(tmp_path):
 BAD = {
     "missing file": (None, r"nope\.json: cannot read JSON \(No such file"),
     "malformed JSON": ('[{"instruction": "a",\n "output": }]', r"cannot read JSON \(Expecting value: line 2 column 12"),
-    "not a list": ('{"instruction": "a", "output": "b"}', r"expected a JSON list of entries, found a dict"),
+    "not a list": ('"a", "b"', r"cannot read JSON \(Extra data"),
+    "not a list of entries": ('"ab"', r"expected a JSON list of entries, found a str"),
     "entry without output": ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', r"entry 1: 'output' is missing or not a string"),
     "non-string field": ('[{"instruction": "a", "input": 3, "output": "b"}]', r"entry 0: 'input' is missing or not a string"),
-    "entry not an object": ('[{"instruction": "a", "output": "b"}, "hi"]', r"entry 1: 'instruction' is missing or not"),
+    "entry not an object": ('[{"instruction": "a", "output": "b"}, "hi"]', r"entry 1: not an entry of the file's kind"),
 }
 
 
