@@ -212,40 +212,27 @@ class TrainConfig:
             self.data = os.path.abspath(self.data)
 
 # ---------------- data files: Alpaca entries or conversations
-ROLES = ("system", "user", "assistant")
-
-def parse_json(text: str) -> list:
-    """A JSON list, or JSON Lines (an entry per line; blank lines skipped)."""
-    if not text.lstrip().startswith("{"):
-        return json.loads(text)
-    entries = []
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            entries += [json.loads(line)] if line.strip() else []
-        except ValueError as e:
-            raise ValueError(f"line {number}: {e}") from None
-    return entries
+# conversations' template: exercise 7.1's Phi-3 markers on every turn, 50256 after the assistant's
+TURNS = {"system": "<|system|>\n{}\n", "user": "<|user|>\n{}\n", "assistant": "<|assistant|>:\n{}"}
+ROLES = tuple(TURNS)
+OPEN_TURN = {"role": "assistant", "content": ""}  # an answer's prompt ends with its marker
 
 def problem(entry, chat: bool):
     """What is wrong with an entry of its file's kind (conversations if chat), or None."""
     if not isinstance(entry, dict) or ("messages" in entry) != chat:
-        return "not an entry of the file's kind (a file holds Alpaca entries or conversations)"
-    if not chat:
-        for key in ("instruction", "input", "output"):
-            if not isinstance(entry.get(key, "" if key == "input" else None), str):  # input: optional
-                return f"{key!r} is missing or not a string"
-        return None
-    messages = entry["messages"]
-    if not (isinstance(messages, list) and messages):
-        return "'messages' is not a list of messages"
-    for k, m in enumerate(messages):
+        return "not of the file's kind (a file holds Alpaca entries or conversations)"
+    for key in () if chat else ("instruction", "input", "output"):
+        if not isinstance(entry.get(key, "" if key == "input" else None), str):  # input: optional
+            return f"{key!r} is missing or not a string"
+    messages = entry.get("messages", [OPEN_TURN])  # an Alpaca entry has none to check
+    for k, m in enumerate(messages if isinstance(messages, list) else [None]):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ROLES or (role == "system" and k > 0):
             return f"message {k}: role {role!r} is not system (first only), user or assistant"
         if not isinstance(m.get("content"), str):
             return f"message {k}: 'content' is missing or not a string"
-    if messages[-1]["role"] != "assistant":
-        return "its last message is not the assistant's"
+    if not messages or messages[-1]["role"] != "assistant":
+        return "'messages' does not end with the assistant's"
     return None
 
 def read_entries(path: str) -> list:
@@ -253,7 +240,11 @@ def read_entries(path: str) -> list:
     conversations {messages: [{role, content}, ...]}; a bad entry is named."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = parse_json(f.read())
+            text = f.read()
+        if text.lstrip().startswith("{"):  # JSON Lines as one list: errors name the file's lines
+            lines = [line + "," if line.strip() else line for line in text.splitlines()]
+            text = "[" + "\n".join(lines).rstrip().removesuffix(",") + "]"
+        data = json.loads(text)
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8
         raise ValueError(f"{path}: cannot read JSON ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(data, list):
@@ -281,13 +272,11 @@ def load_tokenizer():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", gpt.TIKTOKEN_CACHE)
     return tiktoken.get_encoding("gpt2")  # it checks the files' hashes
 
-# ---------------- conversations: exercise 7.1's Phi-3 markers on every turn
-TURNS = {"system": "<|system|>\n{}\n", "user": "<|user|>\n{}\n", "assistant": "<|assistant|>:\n{}"}
-OPEN_TURN = {"role": "assistant", "content": ""}  # an answer's prompt ends with its marker
+# ---------------- conversations: their ids and targets
 
-def encode_chat(messages, enc) -> tuple:
-    """(ids, answer): the template's ids, each assistant turn ended by 50256 (the last one's is
-    collate's), and answer[j]: is token j an assistant's (its content or its end-of-text)?"""
+def chat_row(messages, enc, mask_prompt=False):
+    """A conversation's row: the template's ids, 50256 after each assistant turn but the last
+    (collate's target); with mask_prompt (answer, ids): is token j an assistant's (answer[j])?"""
     ids = []
     answer = []
     text = ""  # the turns since the last end-of-text
@@ -299,12 +288,7 @@ def encode_chat(messages, enc) -> tuple:
             ids += tokens + [gpt.EOT]
             answer += [at >= start for at in enc.decode_with_offsets(tokens)[1]] + [True]
             text = ""
-    return ids[:-1], answer[:-1]
-
-def chat_rows(entries, enc, mask_prompt: bool) -> list:
-    """Conversations as training rows: their ids, or with mask_prompt (answer, ids) pairs."""
-    rows = [encode_chat(e["messages"], enc) for e in entries]
-    return [(answer, ids) if mask_prompt else ids for ids, answer in rows]
+    return (answer[:-1], ids[:-1]) if mask_prompt else ids[:-1]
 
 def collate_turns(batch, allowed_max_length=None):
     """custom_collate_fn for (answer, ids) pairs: a target only where it is an assistant's token."""
@@ -357,16 +341,14 @@ def prepare_data(cfg, model, enc):
         raise ValueError(f"{cfg.data}: {len(entries)} entries are too few to split: at least 10")
     cfg.max_length = min(cfg.max_length, model.config.n_positions)  # where the position table ends
     chat = "messages" in entries[0]
-    if chat:  # run.json keeps it: eval and generate follow
-        cfg.style = "chat"
-    elif cfg.style == "chat":
-        raise ValueError(f"{cfg.data}: --style chat is for conversations; Alpaca entries take "
-                         "alpaca or phi3")
+    if cfg.style == "chat" and not chat:
+        raise ValueError(f"--style chat is for conversations, not {cfg.data}'s Alpaca entries")
     collate = partial(collate_turns if (chat and cfg.mask_prompt) else custom_collate_fn,
                       allowed_max_length=cfg.max_length)
     if chat:
-        train_set = chat_rows(train_e, enc, cfg.mask_prompt)
-        val_set = chat_rows(val_e, enc, cfg.mask_prompt)
+        cfg.style = "chat"  # run.json keeps it: eval and generate follow
+        train_set = [chat_row(e["messages"], enc, cfg.mask_prompt) for e in train_e]
+        val_set = [chat_row(e["messages"], enc, cfg.mask_prompt) for e in val_e]
     else:
         train_set = InstructionDataset(train_e, enc, cfg.style, cfg.mask_prompt)
         val_set = InstructionDataset(val_e, enc, cfg.style, cfg.mask_prompt)
@@ -593,7 +575,7 @@ def prompt_ids(entry, enc, style: str) -> list:
     """An answer's prompt: the book's (format_input, or 7.1's, alone), or a conversation's turns
     before its last, then the assistant's marker."""
     if style == "chat":
-        return encode_chat(entry["messages"][:-1] + [OPEN_TURN], enc)[0]
+        return chat_row(entry["messages"][:-1] + [OPEN_TURN], enc)
     format_prompt = format_input_phi if style == "phi3" else format_input
     return enc.encode_ordinary(format_prompt(entry))
 

@@ -167,7 +167,7 @@ BAD = {
     "not a list of entries": ('"ab"', r"expected a JSON list of entries, found a str"),
     "entry without output": ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', r"entry 1: 'output' is missing or not a string"),
     "non-string field": ('[{"instruction": "a", "input": 3, "output": "b"}]', r"entry 0: 'input' is missing or not a string"),
-    "entry not an object": ('[{"instruction": "a", "output": "b"}, "hi"]', r"entry 1: not an entry of the file's kind"),
+    "entry not an object": ('[{"instruction": "a", "output": "b"}, "hi"]', r"entry 1: not of the file's kind"),
 }
 
 
