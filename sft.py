@@ -51,7 +51,8 @@ class InstructionDataset(Dataset):
     def __len__(self):
         return len(self.data)
 
-def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=None, device="cpu"):
+def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=None,
+                      device="cpu"):
     """The book's custom_collate_fn: id lists, or exercise 7.2's (instruction_length, ids) pairs
     -> inputs, targets (B, T), T the longest row (at most allowed_max_length). The book's example,
     rows [0..4], [5, 6], [7, 8, 9] with E = 50256 and _ = -100, gives
@@ -222,7 +223,7 @@ def problem(entry, chat: bool):
     if not isinstance(entry, dict) or ("messages" in entry) != chat:
         return "not of the file's kind (a file holds Alpaca entries or conversations)"
     for key in () if chat else ("instruction", "input", "output"):
-        if not isinstance(entry.get(key, "" if key == "input" else None), str):  # input: optional
+        if not isinstance(entry.get(key, "" if key == "input" else None), str):  # input optional
             return f"{key!r} is missing or not a string"
     messages = entry.get("messages", [OPEN_TURN])  # an Alpaca entry has none to check
     for k, m in enumerate(messages if isinstance(messages, list) else [None]):
@@ -292,9 +293,10 @@ def chat_row(messages, enc, mask_prompt=False):
 
 def collate_turns(batch, allowed_max_length=None):
     """custom_collate_fn for (answer, ids) pairs: a target only where it is an assistant's token."""
-    inputs, targets = custom_collate_fn([ids for _, ids in batch], allowed_max_length=allowed_max_length)
+    rows = [ids for _, ids in batch]
+    inputs, targets = custom_collate_fn(rows, allowed_max_length=allowed_max_length)
     for row, (answer, _) in zip(targets, batch):
-        predicted = torch.tensor(answer[1:] + [True])  # position j predicts token j + 1; the last, EOT
+        predicted = torch.tensor(answer[1:] + [True])  # position j predicts token j + 1 (last: EOT)
         row[:len(predicted)][~predicted[:len(row)]] = IGNORE
     return inputs, targets
 
