@@ -660,7 +660,7 @@ def judge_parts(entry, enc) -> tuple:
     (as text, no marker) and its last."""
     if "messages" not in entry:
         return format_input(entry), entry["output"]
-    before = enc.decode(prompt_ids(entry, enc, "chat")).removesuffix(TURNS["assistant"][:-2])
+    before = enc.decode(prompt_ids(entry, enc, "chat")).removesuffix(TURNS["assistant"].format(""))
     return before, entry["messages"][-1]["content"]
 
 def judge_file(path: str, key: str, a):
