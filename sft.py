@@ -504,8 +504,8 @@ def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, afte
             window.append(loss_and_backward(model, micro_batches, device))
             if cfg.max_grad_norm:  # the global norm, before clipping
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            elif step % cfg.eval_every == 0:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            elif step % cfg.eval_every == 0:  # a step without a target left no gradient: None
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             optimizer.step()
             tokens_seen += sum(inputs.numel() for inputs, _ in micro_batches)
             if step % cfg.eval_every == 0:
