@@ -122,7 +122,7 @@ def add_lora(model: GPT, rank: int, alpha: float) -> GPT:
     return model
 
 # ================ the tool: fast generation, NEFTune, checkpoints in and out; not the chapter
-import ctypes, http.client, json, math, os, pathlib, re, sys, urllib.error, urllib.request
+import ctypes, http.client, json, math, os, pathlib, re, sys, urllib.request
 from dataclasses import asdict, fields
 
 EOT = 50256  # <|endoftext|>: GPT-2's end of text, its bos and eos token
@@ -187,9 +187,8 @@ def generate_batch(model: GPT, prompts, max_new_tokens: int, temperature=0.0, to
         start = 0 if end == P else end - 1  # the prompts first, then one new token a pass
         logits = cached_pass(model, idx[:, start:], pos[:, start:end],
                              mask[:, None, start:end, :end], cache, start)
-        new = idx[:, P:]
         if eos_id is not None:  # a row at its end or its budget answers end-of-text from now on
-            done = (new == eos_id).any(dim=1) | (new.shape[1] >= ends)
+            done = (idx[:, P:] == eos_id).any(dim=1) | (end - P >= ends)
             logits[done] = float("-inf")
             logits[done, :, eos_id] = 0.0
         return logits
@@ -212,7 +211,7 @@ def _tensors(path, size: int) -> dict:
     """The header, then each tensor: a known dtype, a byte range in the data that fits its shape."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")  # the header's length, then n bytes of JSON
-        if size < 8 or 8 + n > size:
+        if 8 + n > size:
             raise ValueError(f"a {n}-byte header does not fit in {size} bytes")
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
@@ -276,8 +275,7 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
     def write(f):
         f.write(len(head).to_bytes(8, "little") + head)
         for blob in blobs:  # no buffer protocol without numpy: hand write() the raw memory
-            if blob.numel():
-                f.write((ctypes.c_char * blob.numel()).from_address(blob.data_ptr()))
+            f.write((ctypes.c_char * blob.numel()).from_address(blob.data_ptr()))
     _atomic_write(path, write)
 
 # ---------------- Hugging Face checkpoints

@@ -40,13 +40,12 @@ def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
     """query_model for the tool: the server from --url or OLLAMA_HOST, Ollama's /api/chat or an
     OpenAI-compatible /chat/completions, the reply capped at 512 tokens, a failure one line."""
     url = server(url)
-    messages = [{"role": "user", "content": prompt}]
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
     if is_openai(url):  # the book's options in OpenAI's names
-        body = {"model": model, "messages": messages, "temperature": 0, "seed": 123,
-                "max_tokens": 512}
+        body |= {"temperature": 0, "seed": 123, "max_tokens": 512}
         return content(url, call(url, "/chat/completions", body, timeout))
     options = {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
-    body = {"model": model, "messages": messages, "stream": False, "options": options}
+    body |= {"stream": False, "options": options}
     return content(url, call(url, "/api/chat", body, timeout))
 
 def content(url: str, reply) -> str:
@@ -108,33 +107,27 @@ def preflight(model=JUDGE, url=None):
         raise ValueError(f"{who(url)}: {path} sent no list of models") from None
     if model in names or (f"{model}:latest" in names and not openai):
         return  # llama3.1 is not llama3
-    listed = ", ".join(names) or "none"
     fix = "pick one with --judge" if openai else f"`ollama pull {model}`"
-    raise ValueError(f"{who(url)} has {listed}, not {model}: {fix}")
+    raise ValueError(f"{who(url)} has {', '.join(names) or 'none'}, not {model}: {fix}")
 
 NUMBER = r"(\d+(?:\.\d+)?)(?!\w|\s*(?:to|-|–)\s*\d)"  # 85, 8.5; not 1e3, nor the 0 of "0 to 100"
 OUT_OF = r"(?:\s*(?:/|out of)\s*(\d+))?"  # "/10", " out of 100": the scale the number is on
-BARE = re.compile(r"[\s*_]*" + NUMBER + OUT_OF + r"[\s*_.%]*(?:\n|$)", re.IGNORECASE)  # "**85**."
+BARE = re.compile(r"\A[\s*_]*" + NUMBER + OUT_OF + r"[\s*_.%]*(?:\n|$)", re.IGNORECASE)  # "**85**."
 # after one of these words, within a clause: "Score: 85", "score of 85", "I would score it 40"
-WORD = r"\b(?:score|scored|rate|rated|rating|give)\b[^\d.!?\n-]{0,30}?"  # then, in its clause, N
+WORD = r"\b(?:score|scored|rate|rated|rating|give)\b[^\d.!?\n-]{0,30}?"
 STATED = re.compile(WORD + NUMBER + OUT_OF, re.IGNORECASE)
 PER_100 = re.compile(NUMBER + r"\s*(?:/|out of)\s*100\b", re.IGNORECASE)  # "85/100"
 
 def parse_score(reply: str):
     """The 0-100 score a reply states: a first line that is a number ("**85**.", "8/10" as 80), a
     number after score, rate or give ("7 out of 10"), or N/100; two that differ, or none: None."""
-    stated = [m.groups() for m in STATED.finditer(reply)]
+    stated = STATED.findall(reply) + BARE.findall(reply)
     stated += [(number, "100") for number in PER_100.findall(reply)]
-    bare = BARE.match(reply)
-    if bare:
-        stated.append(bare.groups())
     # on the prompt's 0 to 100 unless stated ("7 out of 10"); "out of 0" is no score (-1)
-    scores = {float(n) * 100 / int(d or 100) if d != "0" else -1.0 for n, d in stated}
-    if len(scores) != 1:  # none, or a doubt
+    scores = {float(n) * 100 / int(d or 100) if int(d or 100) else -1.0 for n, d in stated}
+    if len(scores) != 1 or not 0 <= min(scores) <= 100:  # none, a doubt, or off the scale
         return None
     score = scores.pop()
-    if not 0 <= score <= 100:
-        return None
     return int(score) if score.is_integer() else score
 
 def score_all(prompts: list, journal: str, model=JUDGE, url=None, timeout=TIMEOUT) -> list:

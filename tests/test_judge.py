@@ -73,7 +73,7 @@ SCORES = [  # (reply, score): what judges answer, and the rule's reading (judge.
     ("I'd give it a 95.", 95), ("My score is 88 (out of 100)", 88), ("60\n\nThe response lists 3 of the 4 items.", 60),
     ("The response deserves 65 points.", None), ("75%", 75), ("8/10", 80), ("I'd rate it 7/10", 70),
     ("3 out of 5", 60), ("-5", None), ("Score: -5", None), ("1e3", None), ("150", None), ("no number", None),
-    ("-", None), ("Somewhere between 70 and 80.", None), ("I cannot score this response.", None), ("", None),
+    ("-", None), ("8/00", None), ("85 out of 000", None), ("Somewhere between 70 and 80.", None), ("I cannot score this response.", None), ("", None),
 ]
 
 
