@@ -612,15 +612,6 @@ def load_run(out: str, device: str):
         raise ValueError(f"{out}: holds no run that train wrote ({e}); train one there") from None
     return model.to(pick_device(device)), cfg
 
-def recent_turns(system, history, enc, room: int) -> list:
-    """The newest turns whose prompt, after the system message, fits in room tokens: the oldest
-    whole turns (a user's line and its answer) go first; the newest line stays."""
-    while len(history) > 1:
-        if len(prompt_ids({"messages": system + history + [OPEN_TURN]}, enc, "chat")) <= room:
-            break
-        history = history[2:]
-    return history
-
 def generate_command(a):
     """generate: answers alone on stdout; no instruction: one per line of stdin. A run trained on
     conversations remembers: each line is the user's next turn."""
@@ -640,13 +631,15 @@ def generate_command(a):
     room = model.config.n_positions - a.max_new_tokens  # the prompt's share of the context
     for line in sys.stdin if from_stdin else [a.instruction]:
         entry = {"instruction": line.rstrip("\n"), "input": a.input}
-        if cfg.style == "chat":
-            turns = history + [{"role": "user", "content": line.rstrip("\n")}]
-            history = recent_turns(system, turns, enc, room)
-            if len(history) < len(turns) and not told:
-                log("the conversation outgrew the context: its oldest turns are left out")
-                told = True
+        if cfg.style == "chat":  # the history so far, the line, and the answer's marker
+            history.append({"role": "user", "content": line.rstrip("\n")})
             entry = {"messages": system + history + [OPEN_TURN]}
+            while len(history) > 1 and len(prompt_ids(entry, enc, "chat")) > room:
+                if not told:
+                    log("the conversation outgrew the context: its oldest turns are left out")
+                told = True
+                del history[:2]  # the oldest whole turn: a user's line and its answer
+                entry = {"messages": system + history + [OPEN_TURN]}
         torch.manual_seed(a.seed)  # the same seed, the same answer
         answer_text = answer(model, [entry], enc, cfg.style, a.max_new_tokens,
                              temperature=a.temperature, top_k=top_k)[0]
