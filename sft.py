@@ -517,7 +517,7 @@ def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, afte
                 window = []
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                     raise ValueError(f"training diverged, or had no target (loss {train_loss}, "
-                                     f"step {step}): lower the rate")
+                                     f"step {step}): lower --lr, or raise --max-length")
                 log(f"epoch {epoch}, step {step}: train loss {train_loss:.3f} (its steps since "
                     f"the last report), validation loss {val_loss:.3f}")
                 reports.append(dict(step=step, epoch=epoch, lr=lr, grad_norm=norm.item(),
