@@ -172,9 +172,9 @@ def flag(default, help):
 @dataclass
 class TrainConfig:
     model: str = flag("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a folder, or tiny")
-    data: str = flag(DATA, "a JSON list of entries: a path or URL (default: the book's)")
+    data: str = flag(DATA, "JSON (Lines) of entries or conversations: a path or URL")
     out: str = flag(None, "the run folder (default: runs/<model name>)")
-    style: str = flag("alpaca", "prompt style (exercise 7.1); chat: set by conversations data")
+    style: str = flag("alpaca", "prompt style: alpaca or phi3 (exercise 7.1); conversations: chat")
     mask_prompt: bool = flag(False, "no loss on the prompt tokens (exercise 7.2)")
     epochs: int = flag(2, "passes over the training split")
     batch_size: int = flag(8, "rows per micro-batch")
@@ -222,18 +222,23 @@ def problem(entry, chat: bool):
     """What is wrong with an entry of its file's kind (conversations if chat), or None."""
     if not isinstance(entry, dict) or ("messages" in entry) != chat:
         return "not of the file's kind (a file holds Alpaca entries or conversations)"
-    for key in () if chat else ("instruction", "input", "output"):
-        if not isinstance(entry.get(key, "" if key == "input" else None), str):  # input optional
-            return f"{key!r} is missing or not a string"
-    messages = entry.get("messages", [OPEN_TURN])  # an Alpaca entry has none to check
-    for k, m in enumerate(messages if isinstance(messages, list) else [None]):
+    if not chat:
+        for key in ("instruction", "input", "output"):
+            default = "" if key == "input" else None  # input is the only optional key
+            if not isinstance(entry.get(key, default), str):
+                return f"{key!r} is missing or not a string"
+        return None
+    messages = entry["messages"]
+    if not (isinstance(messages, list) and messages):
+        return "'messages' is not a list of messages"
+    for k, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ROLES or (role == "system" and k > 0):
             return f"message {k}: role {role!r} is not system (first only), user or assistant"
         if not isinstance(m.get("content"), str):
             return f"message {k}: 'content' is missing or not a string"
-    if not messages or messages[-1]["role"] != "assistant":
-        return "'messages' does not end with the assistant's"
+    if messages[-1]["role"] != "assistant":
+        return "its last message is not the assistant's"
     return None
 
 def read_entries(path: str) -> list:
@@ -277,9 +282,9 @@ def load_tokenizer():
 
 def chat_row(messages, enc, mask_prompt=False):
     """A conversation's row: the template's ids, 50256 after each assistant turn but the last
-    (collate's target); with mask_prompt (answer, ids): is token j an assistant's (answer[j])?"""
+    (collate's target); with mask_prompt (is_answer, ids): is token j an assistant's?"""
     ids = []
-    answer = []
+    is_answer = []
     text = ""  # the turns since the last end-of-text
     for m in messages:
         text += TURNS[m["role"]].format(m["content"])
@@ -287,16 +292,17 @@ def chat_row(messages, enc, mask_prompt=False):
             tokens = enc.encode_ordinary(text)  # at once, as InstructionDataset encodes
             start = len(text) - len(m["content"])  # where the answer begins
             ids += tokens + [gpt.EOT]
-            answer += [at >= start for at in enc.decode_with_offsets(tokens)[1]] + [True]
+            is_answer += [at >= start for at in enc.decode_with_offsets(tokens)[1]] + [True]
             text = ""
-    return (answer[:-1], ids[:-1]) if mask_prompt else ids[:-1]
+    return (is_answer[:-1], ids[:-1]) if mask_prompt else ids[:-1]
 
 def collate_turns(batch, allowed_max_length=None):
-    """custom_collate_fn for (answer, ids) pairs: a target only where it is an assistant's token."""
+    """custom_collate_fn for (is_answer, ids) pairs: a target only where it is an answer's token."""
     rows = [ids for _, ids in batch]
     inputs, targets = custom_collate_fn(rows, allowed_max_length=allowed_max_length)
-    for row, (answer, _) in zip(targets, batch):
-        predicted = torch.tensor(answer[1:] + [True])  # position j predicts token j + 1 (last: EOT)
+    for row, (is_answer, _) in zip(targets, batch):
+        predicted = torch.tensor(is_answer[1:] + [True])  # position j predicts token j + 1
+        # row: T targets (padded or cut), predicted: the row's own n; mask where they overlap
         row[:len(predicted)][~predicted[:len(row)]] = IGNORE
     return inputs, targets
 
@@ -618,8 +624,9 @@ def generate_command(a):
     if a.temperature < 0 or (a.top_k is not None and a.top_k < 1):
         raise ValueError("--temperature must be 0 or more, and --top-k 1 or more")
     model, cfg = load_run(a.out, a.device)  # once, however many instructions follow
-    if a.system and cfg.style != "chat":
-        raise ValueError(f"--system: {a.out} was not trained on conversations")
+    chat = cfg.style == "chat"  # a run trained on conversations
+    if (a.system and not chat) or (a.input and chat):
+        raise ValueError(f"{a.out}: --system is for runs on conversations, --input for the others")
     enc = load_tokenizer()
     top_k = None if a.top_k is None else min(a.top_k, model.config.vocab_size)
     from_stdin = a.instruction is None
@@ -631,7 +638,7 @@ def generate_command(a):
     room = model.config.n_positions - a.max_new_tokens  # the prompt's share of the context
     for line in sys.stdin if from_stdin else [a.instruction]:
         entry = {"instruction": line.rstrip("\n"), "input": a.input}
-        if cfg.style == "chat":  # the history so far, the line, and the answer's marker
+        if chat:  # the history so far, the line, and the answer's marker
             history.append({"role": "user", "content": line.rstrip("\n")})
             entry = {"messages": system + history + [OPEN_TURN]}
             while len(history) > 1 and len(prompt_ids(entry, enc, "chat")) > room:
@@ -643,14 +650,14 @@ def generate_command(a):
         torch.manual_seed(a.seed)  # the same seed, the same answer
         answer_text = answer(model, [entry], enc, cfg.style, a.max_new_tokens,
                              temperature=a.temperature, top_k=top_k)[0]
-        history.append({"role": "assistant", "content": answer_text})
+        history.append({"role": "assistant", "content": answer_text})  # a chat's next turn
         if from_stdin:  # one line per answer: its own line breaks are written as \n
             answer_text = answer_text.replace("\n", "\\n")
         print(answer_text, flush=True)
 
 def judge_parts(entry, enc) -> tuple:
     """The judge's input and correct output: the book's, or a conversation's turns before its last
-    (as text, no marker) and its last."""
+    (the template's text, without the open marker) and its last."""
     if "messages" not in entry:
         return format_input(entry), entry["output"]
     before = enc.decode(prompt_ids(entry, enc, "chat")).removesuffix(TURNS["assistant"].format(""))

@@ -130,8 +130,9 @@ BAD_CHATS = {
                          r"entry 0: message 1: role 'system' is not system \(first only\)"),
     "no content": ([CHAT, {"messages": [{"role": "user"}]}], r"entry 1: message 0: 'content' is missing or not a string"),
     "content not text": ([{"messages": [{"role": "user", "content": 3}]}], r"entry 0: message 0: 'content' is missing"),
-    "no assistant turn last": ([CHAT, {"messages": CHAT["messages"][:1]}], r"entry 1: 'messages' does not end with the assistant's"),
-    "no messages": ([{"messages": []}], r"entry 0: 'messages' does not end with the assistant's"),
+    "no assistant turn last": ([CHAT, {"messages": CHAT["messages"][:1]}], r"entry 1: its last message is not the assistant's"),
+    "no messages": ([{"messages": []}], r"entry 0: 'messages' is not a list of messages"),
+    "messages not a list": ([{"messages": "hi"}], r"entry 0: 'messages' is not a list of messages"),
     "mixed file": ([CHAT, {"instruction": "a", "output": "b"}], r"entry 1: not of the file's kind \(a file holds Alpaca entries or conversations\)"),
 }
 
@@ -263,11 +264,13 @@ def test_a_long_chat_drops_its_oldest_whole_turns_keeps_the_system_message_and_s
     assert "Line 5." not in prompts[-1] and "Line 6." in prompts[-1]
 
 
-def test_system_is_refused_on_an_alpaca_run_and_chat_style_on_alpaca_data(tmp_path, capsys):
+def test_system_is_refused_on_an_alpaca_run_input_on_a_chat_run_and_chat_style_on_alpaca_data(tmp_path, capsys,
+                                                                                               chat_run):
     from test_cli import fake_run
     out = fake_run(tmp_path, [("Hi.", "", "Hello.")] * 10)
-    code, _, _ = run(capsys, "generate", "Hi.", "--out", out, "--system", "x")
-    assert code == f"error: --system: {out} was not trained on conversations"
+    for run_folder, flag in ((out, "--system"), (chat_run, "--input")):
+        code, _, _ = run(capsys, "generate", "Hi.", "--out", run_folder, flag, "x")
+        assert code == f"error: {run_folder}: --system is for runs on conversations, --input for the others"
     code, _, _ = run(capsys, "train", "--model", "tiny", "--style", "chat", "--out", tmp_path / "r",
                      "--data", tmp_path / "d.json")
     assert code.startswith("error: ") and "--style chat is for conversations" in code
