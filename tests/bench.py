@@ -1,7 +1,8 @@
 """make bench: speed figures for this machine, each a ratio measured in the same run (not a test; not collected).
 
-training MFU, the tool's training loop and generation against the book's, checkpoint load RSS, and the share of
-`train` spent outside optimizer steps. Runs in a few minutes on 2 CPU cores, offline."""
+training MFU, bf16 autocast against fp32 (in alternating rounds), the tool's training loop and generation against
+the book's, checkpoint load RSS, and the share of `train` spent outside optimizer steps. Runs in a few minutes on 2
+CPU cores, offline."""
 import contextlib, io, json, math, os, subprocess, sys, tempfile, time
 from functools import partial
 from pathlib import Path
@@ -45,15 +46,20 @@ def flops_per_token(c, T):
     return 6 * (12 * c.n_layer * c.n_embd ** 2 + c.vocab_size * c.n_embd) + 12 * c.n_layer * c.n_embd * T
 
 
-def bench_training(peak, bf16=False, steps=6, batch=8):
-    """Tokens/s and MFU of forward + backward + fused AdamW, as sft.train runs them, in fp32 or under bf16 autocast."""
-    enc, cfg = sft.load_tokenizer(), sft.TrainConfig(batch_size=batch)
+def training_batches(steps, batch):
+    """The first (steps + 1) x batch training rows in order, collated: the same batches for every run."""
+    enc = sft.load_tokenizer()
     rows = sft.InstructionDataset(sft.split(sft.load_entries(DATA))[0], enc).encoded_texts
+    return [sft.custom_collate_fn(rows[i * batch:(i + 1) * batch]) for i in range(steps + 1)]
+
+
+def training_run(batches, bf16):
+    """forward + backward + fused AdamW, as sft.train runs them, over batches from small()'s seeded weights, in fp32
+    or under bf16 autocast: (tokens, seconds, model FLOPs) of all steps but the first, which warms up."""
     model, dev = small(), torch.device("cpu")
     if bf16:
         sft.autocast_training(model, dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)  # as sft.train
-    batches = [sft.custom_collate_fn(rows[i * batch:(i + 1) * batch]) for i in range(steps + 1)]
     done, flops, t0 = 0, 0, None
     for i, (x, y) in enumerate(batches):
         if i == 1:
@@ -64,11 +70,41 @@ def bench_training(peak, bf16=False, steps=6, batch=8):
         if i:
             done += x.numel()
             flops += x.numel() * flops_per_token(model.config, x.shape[1])
-    secs = time.perf_counter() - t0
+    return done, time.perf_counter() - t0, flops
+
+
+def training_rows(peak, bf16, tokens, secs, flops, detail=""):
     name = "bf16 autocast" if bf16 else "fp32"
-    row(f"train tokens/s, {name} (768 wide, 4 layers)", f"{done / secs:,.0f}", "forward + backward + AdamW, batch 8, padded")
-    row(f"train MFU, {name} (over fp32 a@b FLOP/s)", f"{flops / secs / peak:.2f}", f"a@b reached {peak / 1e9:.0f} GFLOP/s")
-    return done / secs
+    row(f"train tokens/s, {name} (768 wide, 4 layers)", f"{tokens / secs:,.0f}",
+        "forward + backward + AdamW, batch 8, padded" + detail)
+    row(f"train MFU, {name} (over fp32 a@b FLOP/s)", f"{flops / secs / peak:.2f}",
+        f"a@b reached {peak / 1e9:.0f} GFLOP/s")
+
+
+def bench_training(peak, bf16=False, steps=6, batch=8):
+    """Tokens/s and MFU of one run of `steps` steps, in fp32 or under bf16 autocast."""
+    tokens, secs, flops = training_run(training_batches(steps, batch), bf16)
+    training_rows(peak, bf16, tokens, secs, flops)
+    return tokens / secs
+
+
+def bench_precisions(peak, rounds=3, steps=6, batch=8):
+    """bf16 autocast against fp32 in alternating rounds (fp32, bf16, fp32, bf16, ...), every round on the same
+    batches from the same weights, so that a busy machine slows both alike. The speed-up is the ratio of sums: all
+    fp32 rounds' seconds over all bf16 rounds' (the same tokens each); each pair's ratio is printed beside it."""
+    batches = training_batches(steps, batch)
+    runs = {False: [], True: []}  # bf16 -> [(tokens, seconds, flops)] in round order
+    for _ in range(rounds):
+        for bf16 in (False, True):
+            runs[bf16].append(training_run(batches, bf16))
+    for bf16, done in runs.items():
+        training_rows(peak, bf16, *map(sum, zip(*done)), f"; {rounds} rounds")
+    fp32, bf16 = ([secs for _, secs, _ in runs[b]] for b in (False, True))
+    pairs = " ".join(f"{f / b:.2f}" for f, b in zip(fp32, bf16))
+    speedup = sum(fp32) / sum(bf16)
+    row("bf16 autocast training speed-up", f"{speedup:.2f}x",
+        f"fp32 seconds / bf16 seconds, summed over {rounds} alternating rounds each (rounds: {pairs})")
+    return speedup
 
 
 def bench_generation(new=64, plain_prompts=2):
@@ -183,10 +219,10 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         peak = matmul_peak()
-        fp32 = bench_training(peak)
-        if sft.native_bf16(torch.device("cpu")):  # what train picks here by default
-            row("bf16 autocast training speed-up", f"{bench_training(peak, bf16=True) / fp32:.2f}x", "sft.train's default here")
+        if sft.native_bf16(torch.device("cpu")):  # bf16 autocast is what train picks here by default
+            bench_precisions(peak)
         else:
+            bench_training(peak)
             row("bf16 autocast", "-", "this CPU has no native bf16: train uses fp32")
         bench_loops()
         bench_generation()
