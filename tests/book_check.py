@@ -49,9 +49,9 @@ PASTED = {"format_input": ("sft.py", "gpt_instruction_finetuning"),
           "query_model": ("judge.py", "ollama_evaluate")}
 
 # The lines a reader writes where the book's code is inline rather than a function.
-# respond: in place of main()'s whole loop over test_data (one line: a for with its body on the same line)
-RESPOND_CALL_SITE = ('for entry, response in zip(test_data, respond(model, test_data, tokenizer, device)): '
-                     'entry["model_response"] = response')
+# respond: in place of main()'s whole loop over test_data, two lines
+RESPOND_CALL_SITE = ('for entry, response in zip(test_data, respond(model, test_data, tokenizer, device)):\n'
+                     '    entry["model_response"] = response')
 # judge_prompt: in place of the `prompt = (f"Given the input ...")` statement in generate_model_scores
 JUDGE_CALL_SITE = 'prompt = judge_prompt(format_input(entry), entry["output"], entry[json_key])'
 
@@ -421,7 +421,7 @@ def stand_in_ollama():
 
 
 CHECKS = {name: globals()[f"check_{name}"] for name in PASTED}
-CALL_SITES = {"respond": f"in place of main()'s loop: `{RESPOND_CALL_SITE}`",
+CALL_SITES = {"respond": "in place of main()'s loop: `" + "` / `".join(RESPOND_CALL_SITE.split("\n    ")) + "`",
               "judge_prompt": f"in place of generate_model_scores's `prompt = (...)`: `{JUDGE_CALL_SITE}`"}
 
 
