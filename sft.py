@@ -150,7 +150,7 @@ def respond(model, test_data, tokenizer, device, style="alpaca", max_new_tokens=
     return answers
 
 # ================ the tool: what runs the job for real and fails well, none of it the chapter
-import argparse, copy, hashlib, json, math, os, shutil, sys, time
+import argparse, copy, hashlib, json, math, os, shutil, sys, tempfile, time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from torch.utils.data import DataLoader
@@ -204,9 +204,8 @@ class TrainConfig:
             may_be_zero = f.default == 0 or f.name == "weight_decay"
             if f.type in (int, float) and not (0 < value < math.inf or (may_be_zero and value == 0)):
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a positive number, not {value}")
-        choices = {"style": STYLES, "schedule": ("constant", "cosine"),
-                   "precision": ("auto", "bf16", "fp32")}
-        for name, allowed in choices.items():
+        for name, allowed in (("style", STYLES), ("schedule", ("constant", "cosine")),
+                              ("precision", ("auto", "bf16", "fp32"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} {getattr(self, name)}: not one of {', '.join(allowed)}")
         if os.path.exists(self.data):  # absolute, so eval works from any folder
@@ -215,7 +214,6 @@ class TrainConfig:
 # ---------------- data files: Alpaca entries or conversations
 # conversations' template: exercise 7.1's Phi-3 markers on every turn, 50256 after the assistant's
 TURNS = {"system": "<|system|>\n{}\n", "user": "<|user|>\n{}\n", "assistant": "<|assistant|>:\n{}"}
-ROLES = tuple(TURNS)
 OPEN_TURN = {"role": "assistant", "content": ""}  # an answer's prompt ends with its marker
 
 def problem(entry, chat: bool):
@@ -233,7 +231,7 @@ def problem(entry, chat: bool):
         return "'messages' is not a list of messages"
     for k, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
-        if role not in ROLES or (role == "system" and k > 0):
+        if role not in TURNS or (role == "system" and k > 0):
             return f"message {k}: role {role!r} is not system (first only), user or assistant"
         if not isinstance(m.get("content"), str):
             return f"message {k}: 'content' is missing or not a string"
@@ -279,7 +277,6 @@ def load_tokenizer():
     return tiktoken.get_encoding("gpt2")  # it checks the files' hashes
 
 # ---------------- conversations: their ids and targets
-
 def chat_row(messages, enc, mask_prompt=False):
     """A conversation's row: the template's ids, 50256 after each assistant turn but the last
     (collate's target); with mask_prompt (is_answer, ids): is token j an assistant's?"""
@@ -364,9 +361,8 @@ def prepare_data(cfg, model, enc):
     cut = sum(len(ids) > cfg.max_length for ids in rows)
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
         f"{cut} cut to --max-length {cfg.max_length}")
-    for name, items in (("training", list(train_set)), ("validation", list(val_set))):
-        targets = [collate([item])[1] for item in items]
-        masked = sum(not (row != IGNORE).any() for row in targets)  # cut before the response
+    for name, items in (("training", train_set), ("validation", val_set)):
+        masked = sum(bool((collate([item])[1] == IGNORE).all()) for item in items)  # no target
         if masked:
             log(f"{masked} of {len(items)} {name} rows keep no target (cut before their response)")
         # nothing to learn, or a validation batch without a mean
@@ -426,8 +422,6 @@ def loss_svg(metrics: list, steps_per_epoch: int) -> str:
 
 # ---------------- the run folder
 RESPONSES = "instruction-data-with-response"  # eval's file; the judge's files begin the same
-RUN_FILES = ("model.safetensors", "config.json", *gpt.TOKENIZER_FILES, "metrics.jsonl", "loss.svg",
-             "run.json")
 
 def claim_out(out: str) -> str:
     """Before the model loads: --out must be writable; its old answers and scores go. Returns
@@ -437,10 +431,9 @@ def claim_out(out: str) -> str:
         for name in os.listdir(out):
             if name.startswith(RESPONSES):  # they belong to other weights
                 os.remove(os.path.join(out, name))
+        tempfile.TemporaryFile(dir=out).close()  # a file can be written there
     except OSError as e:
         raise ValueError(f"cannot write the run folder {out} ({e.strerror}); pick another --out")
-    if not os.access(out, os.W_OK):
-        raise ValueError(f"cannot write the run folder {out}; pick another --out")
     try:
         with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
             epoch = json.load(f)["epochs_done"]
@@ -455,12 +448,12 @@ def save_run(model, cfg, metrics: list, steps_per_epoch: int, done: dict):
         model = gpt.merge_lora(copy.deepcopy(model))
     try:
         gpt.save_pretrained(model, staging)
-        metrics_lines = "".join(json.dumps(m) + "\n" for m in metrics)
-        gpt.write_text(os.path.join(staging, "metrics.jsonl"), metrics_lines)
-        gpt.write_text(os.path.join(staging, "loss.svg"), loss_svg(metrics, steps_per_epoch))
-        settings = json.dumps({**asdict(cfg), **done}, indent=2)
-        gpt.write_text(os.path.join(staging, "run.json"), settings)
-        for name in RUN_FILES:
+        texts = {"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics),
+                 "loss.svg": loss_svg(metrics, steps_per_epoch),
+                 "run.json": json.dumps({**asdict(cfg), **done}, indent=2)}  # renamed last
+        for name, text in texts.items():
+            gpt.write_text(os.path.join(staging, name), text)
+        for name in ("model.safetensors", "config.json", *gpt.TOKENIZER_FILES, *texts):
             os.replace(os.path.join(staging, name), os.path.join(cfg.out, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -475,8 +468,7 @@ def lr_factor(step: int, steps: int, warmup_steps=0, cosine=False) -> float:
 
 def loss_and_backward(model, micro_batches, device) -> tuple:
     """Gradients of the mean loss over all the micro-batches' targets, as one batch of their rows
-    (accumulation): each calc_loss_batch weighted by its share of the targets. Returns the
-    summed loss (on the device) and the target count."""
+    (accumulation), each calc_loss_batch weighted by its share of them -> (summed loss, count)."""
     counts = [int((targets != IGNORE).sum()) for _, targets in micro_batches]
     summed = torch.zeros((), device=device)
     for (inputs, targets), count in zip(micro_batches, counts):
@@ -495,12 +487,11 @@ def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, afte
     reports = []
     window = []  # (summed loss, target count) of each step since the last report
     tokens_seen = 0
-    step = 0
     started = time.time()
     for epoch in range(1, cfg.epochs + 1):
         model.train()  # this GPT-2 has no dropout: train mode only turns NEFTune's noise on
         batches = iter(train_loader)
-        for _ in range(steps_per_epoch):
+        for step in range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch):
             micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
             lr = cfg.lr * lr_factor(step, cfg.epochs * steps_per_epoch, cfg.warmup_steps,
                                     cfg.schedule == "cosine")
@@ -529,7 +520,6 @@ def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, afte
                 reports.append(dict(step=step, epoch=epoch, lr=lr, grad_norm=norm.item(),
                                     tokens=tokens_seen, train_loss=train_loss, val_loss=val_loss,
                                     seconds=round(time.time() - started, 2)))
-            step += 1
         after_epoch(epoch, reports)
 
 def train(cfg: TrainConfig):
@@ -544,7 +534,7 @@ def train(cfg: TrainConfig):
         model = gpt.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.neftune_alpha:
         gpt.add_neftune(model, cfg.neftune_alpha)
-    model = model.to(device)
+    model.to(device)
     if cfg.precision == "bf16":
         autocast_training(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -640,13 +630,12 @@ def generate_command(a):
         entry = {"instruction": line.rstrip("\n"), "input": a.input}
         if chat:  # the history so far, the line, and the answer's marker
             history.append({"role": "user", "content": line.rstrip("\n")})
-            entry = {"messages": system + history + [OPEN_TURN]}
-            while len(history) > 1 and len(prompt_ids(entry, enc, "chat")) > room:
+            while len(history) > 1 and len(chat_row(system + history + [OPEN_TURN], enc)) > room:
                 if not told:
                     log("the conversation outgrew the context: its oldest turns are left out")
                 told = True
                 del history[:2]  # the oldest whole turn: a user's line and its answer
-                entry = {"messages": system + history + [OPEN_TURN]}
+            entry = {"messages": system + history + [OPEN_TURN]}
         torch.manual_seed(a.seed)  # the same seed, the same answer
         answer_text = answer(model, [entry], enc, cfg.style, a.max_new_tokens,
                              temperature=a.temperature, top_k=top_k)[0]
@@ -674,7 +663,7 @@ def judge_file(path: str, key: str, a):
     stem = path.removesuffix(".json")
     scores = judge.score_all(prompts, stem + "-scores.jsonl", a.judge, a.url, a.timeout)
     entries = [{**e, "score": score} for e, score in zip(entries, scores)]
-    scored = [e["score"] for e in entries if e["score"] is not None]  # None: none stated
+    scored = [s for s in scores if s is not None]  # None: none stated
     average = sum(scored) / len(scored) if scored else None  # None: nothing to average
     result = {"judge": a.judge, "average": average, "scored": len(scored), "total": len(entries)}
     gpt.write_text(stem + "-scores.json", json.dumps({**result, "entries": entries}, indent=2))
@@ -747,13 +736,10 @@ def main(argv=None):
         p.add_argument("--out", default="runs/gpt2-medium", help="a run folder written by train")
         p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     a = ap.parse_args(argv)
-    if a.cmd == "train":
-        settings = {f.name: getattr(a, f.name) for f in fields(TrainConfig)}
-        run_cli(lambda: train(TrainConfig(**settings)))
-        return
-    commands = {"eval": eval_command, "generate": generate_command,
-                "judge": lambda a: judge_file(a.file, a.key, a)}
-    run_cli(commands[a.cmd], a)
+    command = vars(a).pop("cmd")  # a keeps the command's own flags alone
+    commands = {"train": lambda a: train(TrainConfig(**vars(a))), "eval": eval_command,
+                "generate": generate_command, "judge": lambda a: judge_file(a.file, a.key, a)}
+    run_cli(commands[command], a)
 
 if __name__ == "__main__":
     main()
