@@ -569,19 +569,15 @@ def train(cfg: TrainConfig):
         raise KeyboardInterrupt(kept) from None
     log(f"trained in {time.time() - started:.1f}s; validation loss {saved[-1]:.3f}")
 
-def prompt_ids(entry, enc, style: str) -> list:
-    """An answer's prompt: the book's (format_input, or 7.1's, alone), or a conversation's turns
-    before its last, then the assistant's marker."""
-    if style == "chat":
-        return chat_row(entry["messages"][:-1] + [OPEN_TURN], enc)
-    format_prompt = format_input_phi if style == "phi3" else format_input
-    return enc.encode_ordinary(format_prompt(entry))
-
 def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False,
            **sampling) -> list:
     """respond()'s answers, fast: 32 prompts of like length at a time through generate_batch."""
     model.eval()
-    prompts = [prompt_ids(e, enc, style) for e in entries]
+    if style == "chat":  # a conversation's turns before its last, then the assistant's marker
+        prompts = [chat_row(e["messages"][:-1] + [OPEN_TURN], enc) for e in entries]
+    else:  # the book's prompt alone: format_input, or 7.1's
+        format_prompt = format_input_phi if style == "phi3" else format_input
+        prompts = [enc.encode_ordinary(format_prompt(e)) for e in entries]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
     for k in range(0, len(order), 32):
@@ -649,7 +645,8 @@ def judge_parts(entry, enc) -> tuple:
     (the template's text, without the open marker) and its last."""
     if "messages" not in entry:
         return format_input(entry), entry["output"]
-    before = enc.decode(prompt_ids(entry, enc, "chat")).removesuffix(TURNS["assistant"].format(""))
+    prompt = chat_row(entry["messages"][:-1] + [OPEN_TURN], enc)
+    before = enc.decode(prompt).removesuffix(TURNS["assistant"].format(""))
     return before, entry["messages"][-1]["content"]
 
 def judge_file(path: str, key: str, a):

@@ -204,12 +204,11 @@ def test_train_on_conversations_keeps_the_chat_style_and_refuses_rows_cut_before
 def test_chat_answers_are_the_one_prompt_paths_at_the_last_turn_after_its_marker(chat_run):
     model, _ = sft.load_run(str(chat_run), "cpu")
     entries = MEMORY[:5]
-    for entry in entries:
-        before = rendered(entry["messages"][:-1] + [{"role": "assistant", "content": ""}])
-        assert sft.prompt_ids(entry, ENC, "chat") == ids_of(before) and before.endswith("\n<|assistant|>:\n")
     alone = []
     for entry in entries:
-        prompt = torch.tensor([sft.prompt_ids(entry, ENC, "chat")])
+        before = rendered(entry["messages"][:-1] + [{"role": "assistant", "content": ""}])
+        assert before.endswith("Which?\n<|assistant|>:\n")  # the turns before the last, then its marker
+        prompt = torch.tensor([ids_of(before)])
         new = gpt.generate(model, prompt, 6, 96, eos_id=EOT)[0, prompt.shape[1]:].tolist()
         alone.append(ENC.decode(new).strip())
     assert sft.answer(model, entries, ENC, "chat", max_new_tokens=6) == alone
