@@ -24,9 +24,6 @@ import tiktoken  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-# One thread unless OMP_NUM_THREADS says otherwise: the model is tiny, its ops gain little from a second thread, and
-# on a shared machine OpenMP's threads wait on each other (a busy 2-core machine: 34 s with one thread, 121 s with two)
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
 TOKENIZER = tiktoken.get_encoding("gpt2")
 ENTRIES = json.loads((REPO / "data" / "instruction-data.json").read_text())  # the book's 1,100
 TRAIN, TEST, VAL = ENTRIES[:935], ENTRIES[935:1045], ENTRIES[1045:]  # the book's split: 85% / 10% / the rest
@@ -81,15 +78,15 @@ def chapter_part(our_file: str) -> str:
     return text[:divider + 1]
 
 
-def own_text(name: str) -> str:
-    """name's own text in its file's chapter part, decorators included, after blank lines that keep its line
-    numbers (a traceback then points into our file)."""
-    chapter = chapter_part(PASTED[name][0])
+def own_text(name: str, our_file: str) -> str:
+    """name's own text in our_file's chapter part, decorators included (ast.get_source_segment drops them), after
+    blank lines that keep its line numbers (a traceback then points into our file). tests/test_lifting.py uses it too."""
+    chapter = chapter_part(our_file)
     for node in ast.parse(chapter).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
             first = min([d.lineno for d in node.decorator_list] + [node.lineno])
             return "\n" * (first - 1) + "".join(chapter.splitlines(True)[first - 1:node.end_lineno])
-    raise LookupError(f"{name} is not in {PASTED[name][0]}'s chapter part")
+    raise LookupError(f"{name} is not in {our_file}'s chapter part")
 
 
 def paste(name: str, book) -> dict:
@@ -97,7 +94,7 @@ def paste(name: str, book) -> dict:
     function of that name in the copy only; the book's other functions keep calling the book's)."""
     our_file, book_file = PASTED[name]
     namespace = dict(vars(getattr(book, book_file)))
-    exec(compile(own_text(name), str(REPO / our_file), "exec"), namespace)
+    exec(compile(own_text(name, our_file), str(REPO / our_file), "exec"), namespace)
     return namespace
 
 
@@ -446,6 +443,9 @@ def main(argv) -> int:
         print("usage: book_check.py DIR  (DIR: the book's ch07/01_main-chapter-code folder, holding "
               "previous_chapters.py, gpt_instruction_finetuning.py and ollama_evaluate.py)", file=sys.stderr)
         return 1
+    # One thread unless OMP_NUM_THREADS says otherwise: the model is tiny, its ops gain little from a second thread,
+    # and on a shared machine OpenMP's threads wait on each other (busy 2 cores: 34 s with one thread, 121 s with two)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
     start = time.perf_counter()
     book = load_book(Path(argv[1]).resolve())
     print(f"The book's files: {argv[1]} (torch {torch.__version__}, {torch.get_num_threads()} thread(s))\n")

@@ -7,7 +7,7 @@ book's value.
 The book's neighbours below are stand-ins written here from the chapter's description (not the book's code,
 which the tests never read). They are what a pasted function meets in its book file, and the references it is
 compared with: a pasted function replaces the stand-in of its own name in a fresh copy of the namespace."""
-import ast, builtins, dis, inspect, json, math, os, re, time, urllib.request
+import builtins, dis, inspect, json, math, os, re, time
 from functools import partial
 
 import pytest
@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+import book_check  # make book-check's script: how a chapter function's own text is read
 import gpt
 import judge
 import sft
@@ -266,21 +267,12 @@ PASTED = {**{name: (sft, gpt_instruction_finetuning)
 
 
 def chapter_part(module) -> str:
-    text = open(module.__file__).read()
-    divider = re.search(r"^# ================ the tool", text, re.M)
-    assert divider, f"{module.__name__} has no divider line"
-    return text[:divider.start()]
+    return book_check.chapter_part(os.path.basename(module.__file__))
 
 
 def own_text(name) -> str:
-    """name's own text in its module's chapter part, decorators included (ast.get_source_segment drops them),
-    after blank lines that keep its line numbers: a traceback names the file's own lines."""
-    chapter = chapter_part(PASTED[name][0])
-    for node in ast.parse(chapter).body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
-            first = min([d.lineno for d in node.decorator_list] + [node.lineno])
-            return "\n" * (first - 1) + "".join(chapter.splitlines(True)[first - 1:node.end_lineno])
-    raise LookupError(f"{name} is not defined in {PASTED[name][0].__name__}'s chapter part")
+    """name's own text in its module's chapter part: what make book-check pastes into the book's files."""
+    return book_check.own_text(name, os.path.basename(PASTED[name][0].__file__))
 
 
 def paste(name) -> dict:
