@@ -640,14 +640,15 @@ def generate_command(a):
             answer_text = answer_text.replace("\n", "\\n")
         print(answer_text, flush=True)
 
-def judge_parts(entry, enc) -> tuple:
+def judge_parts(entry) -> tuple:
     """The judge's input and correct output: the book's, or a conversation's turns before its last
-    (the template's text, without the open marker) and its last."""
+    (the template's text, <|endoftext|> after each assistant turn) and its last."""
     if "messages" not in entry:
         return format_input(entry), entry["output"]
-    prompt = chat_row(entry["messages"][:-1] + [OPEN_TURN], enc)
-    before = enc.decode(prompt).removesuffix(TURNS["assistant"].format(""))
-    return before, entry["messages"][-1]["content"]
+    *before, last = entry["messages"]
+    ends = {"assistant": "<|endoftext|>"}  # 50256 in the ids, written out as text here
+    text = "".join(TURNS[m["role"]].format(m["content"]) + ends.get(m["role"], "") for m in before)
+    return text, last["content"]
 
 def judge_file(path: str, key: str, a):
     """Score every entry's response into X-scores.json beside X.json."""
@@ -655,8 +656,7 @@ def judge_file(path: str, key: str, a):
     for i, e in enumerate(entries):
         if not isinstance(e.get(key), str):
             raise ValueError(f"{path}: entry {i} has no string {key!r}; pick the field with --key")
-    enc = load_tokenizer()
-    prompts = [judge.judge_prompt(*judge_parts(e, enc), e[key]) for e in entries]
+    prompts = [judge.judge_prompt(*judge_parts(e), e[key]) for e in entries]
     stem = path.removesuffix(".json")
     scores = judge.score_all(prompts, stem + "-scores.jsonl", a.judge, a.url, a.timeout)
     entries = [{**e, "score": score} for e, score in zip(entries, scores)]
@@ -674,13 +674,12 @@ def eval_command(a):
     except ValueError as e:  # said now, not after minutes of answering
         log(f"warning: {e}; the responses will still be generated and saved")
     test = split(load_entries(cfg.data)[:cfg.limit or None])[1]  # train has checked the split
-    enc = load_tokenizer()
-    responses = answer(model, test, enc, cfg.style, progress=True)
+    responses = answer(model, test, load_tokenizer(), cfg.style, progress=True)
     path = os.path.join(a.out, RESPONSES + ".json")
     answered = [{**e, "model_response": r} for e, r in zip(test, responses)]
     gpt.write_text(path, json.dumps(answered, indent=2))
     for e in answered[:3]:  # as the book shows them
-        question, correct = judge_parts(e, enc)
+        question, correct = judge_parts(e)
         log(f"\n{e.get('instruction', question)}\n\nCorrect response:\n>> {correct}\n\n"
             f"Model response:\n>> {e['model_response']}\n{'-' * 40}")
     log(f"{len(test)} test responses -> {path}; {responses.count('')} of them empty")
