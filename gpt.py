@@ -153,7 +153,7 @@ def cached_pass(model: GPT, idx, pos, mask, cache, start: int):
     end = start + idx.shape[1]
     for block, kv in zip(model.h, cache):
         q, k, v = block.attn.heads(block.ln_1(x))
-        kv[:, :, :, start:end] = torch.stack((k, v))  # store this pass's keys and values
+        kv[:, :, :, start:end] = torch.stack((k, v))
         y = F.scaled_dot_product_attention(q, kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask)
         x = x + block.attn.c_proj(y.transpose(1, 2).flatten(2))
         x = x + block.mlp(block.ln_2(x))
@@ -207,36 +207,33 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool}
 
-def _tensors(path, size: int) -> dict:
-    """The header, then each tensor: a known dtype, a byte range in the data that fits its shape."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")  # the header's length, then n bytes of JSON
-        if 8 + n > size:
-            raise ValueError(f"a {n}-byte header does not fit in {size} bytes")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    # a private copy-on-write map: pages load as tensors touch them; writes never reach the file
-    storage = torch.UntypedStorage.from_file(str(path), False, size)
-    data = torch.empty(0, dtype=torch.uint8).set_(storage)[8 + n:]
-    tensors = {}
-    for name, info in header.items():
-        shape = info["shape"]
-        dtype = DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        inside = 0 <= begin <= end <= len(data)
-        if not inside or end - begin != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"tensor {name}: bytes {begin} to {end} cannot hold {dtype} {shape}")
-        t = data[begin:end]
-        if t.storage_offset() % dtype.itemsize:
-            t = t.clone()  # a view starts at a multiple of its item size
-        tensors[name] = t.view(dtype).view(shape)
-    return tensors
-
 def read_safetensors(path) -> dict:
     """Memory-map a .safetensors file into {name: tensor}; a malformed file is one ValueError."""
     try:
-        return _tensors(path, os.path.getsize(path))
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:  # any malformation
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")  # the header's length, then n bytes of JSON
+            if 8 + n > size:
+                raise ValueError(f"a {n}-byte header does not fit in {size} bytes")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        # a private copy-on-write map: pages load as tensors touch them; writes never reach the file
+        storage = torch.UntypedStorage.from_file(str(path), False, size)
+        data = torch.empty(0, dtype=torch.uint8).set_(storage)[8 + n:]
+        tensors = {}
+        for name, info in header.items():
+            shape = info["shape"]
+            dtype = DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not (0 <= begin <= end <= len(data) and end - begin == nbytes):
+                raise ValueError(f"tensor {name}: bytes {begin} to {end} cannot hold {dtype} {shape}")
+            t = data[begin:end]
+            if t.storage_offset() % dtype.itemsize:
+                t = t.clone()  # a view starts at a multiple of its item size
+            tensors[name] = t.view(dtype).view(shape)
+        return tensors
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
         reason = f"{type(e).__name__}: {e}"  # KeyError's own text is just the key
         raise ValueError(f"{path}: not a valid safetensors file ({reason})") from None
 
@@ -245,7 +242,7 @@ def _atomic_write(path, write, check=lambda tmp: None):
     root, extension = os.path.splitext(path)
     tmp = f"{root}.tmp{extension}"  # a fixed name: killed writes never pile up
     try:
-        with open(tmp, "wb") as f:  # a new file's mode follows the umask
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -254,7 +251,7 @@ def _atomic_write(path, write, check=lambda tmp: None):
     except OSError as e:  # a full disk, a read-only folder: name the file
         raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):  # whatever failed, no temp file stays behind
+        if os.path.exists(tmp):
             os.unlink(tmp)
 
 def write_text(path, text: str):
@@ -288,26 +285,24 @@ def cache_dir(*parts) -> str:  # $XDG_CACHE_HOME/gpt2-sft/..., by default ~/.cac
     root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(root, "gpt2-sft", *parts)
 
-def _copy_body(response, f, url: str):
-    """The response body into f, with a progress line; a body cut short is an error."""
-    try:
-        for chunk in iter(lambda: response.read(1 << 22), b""):
-            f.write(chunk)
-            print(f"\rdownloading {url}: {f.tell() / 1e6:.0f} MB", end="", file=sys.stderr)
-    except (TimeoutError, ConnectionError, http.client.HTTPException) as e:  # a stall, a reset
-        raise ValueError(f"the download of {url} broke off ({type(e).__name__})") from None
-    finally:
-        print(file=sys.stderr)
-    total = response.headers.get("Content-Length")
-    if total is not None and f.tell() != int(total):  # http.client ends a short body quietly
-        raise ValueError(f"the download of {url} stopped at {f.tell()} of {total} bytes")
-
 def download(url: str, dest: str, check, hint: str):
     """Fetch url into dest, whole and valid (check(path) raises ValueError), or not at all."""
     try:
         response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)  # follows redirects
     except (OSError, http.client.HTTPException, ValueError) as e:  # 404, refused, timeout, not HTTP
         raise ValueError(f"cannot download {url} ({getattr(e, 'reason', e)}); {hint}") from None
+    def copy_body(f):
+        try:
+            for chunk in iter(lambda: response.read(1 << 22), b""):
+                f.write(chunk)
+                print(f"\rdownloading {url}: {f.tell() / 1e6:.0f} MB", end="", file=sys.stderr)
+        except (TimeoutError, ConnectionError, http.client.HTTPException) as e:  # a stall, a reset
+            raise ValueError(f"the download of {url} broke off ({type(e).__name__})") from None
+        finally:
+            print(file=sys.stderr)
+        total = response.headers.get("Content-Length")
+        if total is not None and f.tell() != int(total):  # http.client ends a short body quietly
+            raise ValueError(f"the download of {url} stopped at {f.tell()} of {total} bytes")
     def check_download(tmp):
         try:
             check(tmp)
@@ -315,7 +310,7 @@ def download(url: str, dest: str, check, hint: str):
             raise ValueError(f"{url} sent something else than the file ({e}); {hint}") from None
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     with response:
-        _atomic_write(dest, lambda f: _copy_body(response, f, url), check_download)
+        _atomic_write(dest, copy_body, check_download)
 
 # transformers' GPT-2 options this model has one way: a checkpoint set otherwise is refused
 GPT2_ONLY = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
@@ -336,23 +331,19 @@ def read_config(path) -> GPTConfig:
                              "cannot represent that checkpoint")
     return config
 
-def _load_folder(folder: str) -> GPT:
-    config = read_config(os.path.join(folder, "config.json"))
-    path = os.path.join(folder, "model.safetensors")
+def load_state(path) -> dict:
+    """A checkpoint's weights under this GPT's names, as F32: Conv1D's (in, out) transposed."""
     state = {}
     for k, v in read_safetensors(path).items():
         k = k.removeprefix("transformer.")  # transformers' save_pretrained adds it
         if k.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # causal-mask buffers carry nothing we need
-        v = v.t() if k.endswith(CONV1D) else v  # Conv1D weights are stored (in, out)
+        v = v.t() if k.endswith(CONV1D) else v
         state[k] = v.float()  # F16 and BF16 load as F32; F32 stays memory-mapped
     head = state.pop("lm_head.weight", None)  # the head is tied: a copy of wte adds nothing
     if head is not None and not torch.equal(head, state.get("wte.weight")):
         raise ValueError(f"{path}: lm_head.weight differs from wte.weight; this GPT-2 ties them")
-    with torch.device("meta"):
-        model = GPT(config)  # no memory yet: the file's tensors are assigned below
-    model.load_state_dict(state, assign=True)  # names every missing, extra or misshapen tensor
-    return model
+    return state
 
 def from_pretrained(name: str) -> GPT:
     """A GPT-2 in the Hugging Face layout: a local folder, an alias, or an owner/name repo."""
@@ -368,10 +359,15 @@ def from_pretrained(name: str) -> GPT:
             dest = os.path.join(folder, file)
             if not os.path.exists(dest):  # a file is there only when whole and checked
                 download(f"{endpoint}/{repo}/resolve/main/{file}", dest, check, hint)
+    config = read_config(os.path.join(folder, "config.json"))
+    state = load_state(os.path.join(folder, "model.safetensors"))
     try:
-        return _load_folder(folder)
+        with torch.device("meta"):
+            model = GPT(config)  # no memory yet: the file's tensors are assigned below
+        model.load_state_dict(state, assign=True)  # names every missing, extra or misshapen one
     except (TypeError, RuntimeError) as e:  # sizes that build no GPT, tensors that do not fit it
         raise ValueError(f"{folder}: not a GPT-2 checkpoint that loads ({e})") from None
+    return model
 
 def save_pretrained(model: GPT, out_dir: str):
     """A whole Hugging Face GPT-2 folder: config, weights (Conv1D (in, out)), tokenizer files."""

@@ -1,5 +1,5 @@
 """Scoring with a judge (the book's 7.8): the book's prompt and its request to Ollama; below the
-divider the tool's: servers (Ollama, OpenAI-compatible), failures in one line, scores read out."""
+divider the tool's: the judge's server, failures in one line, scores read out."""
 JUDGE = "llama3"
 TIMEOUT = 300  # seconds for a whole reply; the first also waits for Ollama to load the model
 
@@ -21,7 +21,7 @@ def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
     with urllib.request.urlopen(request) as response:
         return json.loads(response.read())["message"]["content"]
 
-# ================ the tool: OpenAI-compatible servers, failures in one line, the check, scores
+# ================ the tool: the judge's server, failures in one line, the check, scores
 import hashlib, http.client, json, os, re, sys, urllib.error, urllib.request
 CHECK_TIMEOUT = 10  # seconds: a server that is up lists its models at once
 
@@ -32,83 +32,65 @@ def server(url=None) -> str:
         url = "http://" + url
     return url.rstrip("/")
 
-def is_openai(url: str) -> bool:
-    """A URL ending in /v1 is an OpenAI-compatible server's."""
-    return url.endswith("/v1")
-
-def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
-    """query_model for the tool: the server from --url or OLLAMA_HOST, Ollama's /api/chat or an
-    OpenAI-compatible /chat/completions, the reply capped at 512 tokens, a failure one line."""
-    url = server(url)
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
-    if is_openai(url):  # the book's options in OpenAI's names
-        body |= {"temperature": 0, "seed": 123, "max_tokens": 512}
-        return content(url, call(url, "/chat/completions", body, timeout))
-    options = {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
-    body |= {"stream": False, "options": options}
-    return content(url, call(url, "/api/chat", body, timeout))
-
-def content(url: str, reply) -> str:
-    """A chat reply's content: {"message": {...}} or {"choices": [{"message": {...}}]}."""
-    try:
-        message = reply["choices"][0]["message"] if is_openai(url) else reply["message"]
-        if isinstance(message["content"], str):
-            return message["content"]
-    except (TypeError, KeyError, IndexError):
-        pass
-    raise ValueError(f"{who(url)} sent a chat reply without message content")
-
-def who(url: str) -> str:
-    return f"the server at {url}" if is_openai(url) else f"Ollama at {url}"
-
 def call(url: str, path: str, body, timeout: float):
-    """GET url + path (POST if there is a body) -> the JSON answered; any failure one ValueError.
-    OPENAI_API_KEY, when set, goes to /v1 URLs only, and into no message."""
+    """GET (POST with a body) the OpenAI API at url, Ollama's under its /v1 -> the JSON answered;
+    any failure one ValueError. OPENAI_API_KEY goes only to a url written with /v1."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     key = os.environ.get("OPENAI_API_KEY")
-    if key and is_openai(url):
+    if key and url.endswith("/v1"):  # a server the user named as OpenAI's, never Ollama's root
         headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(url + path, data, headers)
+    api = url if url.endswith("/v1") else url + "/v1"
+    judge = f"the judge at {url}"
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(urllib.request.Request(api + path, data, headers),
+                                    timeout=timeout) as response:
             return json.loads(response.read())  # a reply cut short is not JSON: never a score
-    except urllib.error.HTTPError as e:  # {"error": "..."} or {"error": {"message": ...}}
-        if e.code in (401, 403) and is_openai(url):
-            raise ValueError(f"{who(url)} refused the key (HTTP {e.code}): set OPENAI_API_KEY "
-                             "to a key it takes") from None
+    except urllib.error.HTTPError as e:  # {"error": {"message": ...}}
+        if e.code in (401, 403):
+            raise ValueError(f"{judge} refused the key (HTTP {e.code}): set OPENAI_API_KEY to a "
+                             "key it takes") from None
         detail = e.read().decode(errors="replace")[:300]
         if key:
             detail = detail.replace(key, "[OPENAI_API_KEY]")
-        raise ValueError(f"{who(url)} answered HTTP {e.code}: {detail}") from None
+        raise ValueError(f"{judge} answered HTTP {e.code}: {detail}") from None
     except (TimeoutError, urllib.error.URLError) as e:
         if isinstance(getattr(e, "reason", e), TimeoutError):  # connected, then silence
             advice = "loading a model can take minutes: raise --timeout"
             if body is None:  # the check, which asks for no model
                 advice = "is that the right address? (--url, OLLAMA_HOST)"
-            raise ValueError(f"{who(url)} sent no reply within {timeout:g}s; {advice}") from None
-        start = "start it, or point --url at it"
-        if not is_openai(url):
-            start = "start it (`ollama serve`, https://ollama.com), or point OLLAMA_HOST or --url there"
-        raise ValueError(f"cannot reach {who(url)} ({e.reason}): {start}") from None
+            raise ValueError(f"{judge} sent no reply within {timeout:g}s; {advice}") from None
+        raise ValueError(f"cannot reach {judge} ({e.reason}): start it (`ollama serve`, "
+                         "https://ollama.com), or point OLLAMA_HOST or --url there") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # a reset, a cut, not JSON
-        raise ValueError(f"{who(url)} sent a broken reply ({type(e).__name__})") from None
+        raise ValueError(f"{judge} sent a broken reply ({type(e).__name__})") from None
+
+def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
+    """query_model for the tool: OpenAI's chat protocol (Ollama speaks it too), the book's options,
+    the reply capped at 512 tokens, a failure one line."""
+    url = server(url)
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0, "seed": 123, "max_tokens": 512}
+    reply = call(url, "/chat/completions", body, timeout)
+    try:  # {"choices": [{"message": {"content": ...}}]}
+        content = reply["choices"][0]["message"]["content"]
+    except (TypeError, KeyError, IndexError):
+        content = None
+    if not isinstance(content, str):
+        raise ValueError(f"the judge at {url} sent a chat reply without message content")
+    return content
 
 def preflight(model=JUDGE, url=None):
     """Is a server there, and does it have the judge? One quick request, before any work."""
     url = server(url)
-    openai = is_openai(url)
-    path = "/models" if openai else "/api/tags"
-    try:  # {"data": [{"id": ...}]} or {"models": [{"name": ...}]}
-        answer = call(url, path, None, CHECK_TIMEOUT)
-        listed = answer["data"] if openai else answer["models"]
-        names = [str(m["id"] if openai else m["name"]) for m in listed]
+    try:  # {"data": [{"id": ...}, ...]}
+        names = [str(m["id"]) for m in call(url, "/models", None, CHECK_TIMEOUT)["data"]]
     except (TypeError, KeyError):
-        raise ValueError(f"{who(url)}: {path} sent no list of models") from None
-    if model in names or (f"{model}:latest" in names and not openai):
-        return  # llama3.1 is not llama3
-    fix = "pick one with --judge" if openai else f"`ollama pull {model}`"
-    raise ValueError(f"{who(url)} has {', '.join(names) or 'none'}, not {model}: {fix}")
+        raise ValueError(f"the judge at {url}: /models sent no list of models") from None
+    if model in names or f"{model}:latest" in names:  # Ollama's tag; llama3.1 is not llama3
+        return
+    raise ValueError(f"the judge at {url} has {', '.join(names) or 'none'}, not {model}: "
+                     f"`ollama pull {model}`, or pick one with --judge")
 
 NUMBER = r"(\d+(?:\.\d+)?)(?!\w|\s*(?:to|-|–)\s*\d)"  # 85, 8.5; not 1e3, nor the 0 of "0 to 100"
 OUT_OF = r"(?:\s*(?:/|out of)\s*(\d+))?"  # "/10", " out of 100": the scale the number is on

@@ -221,9 +221,9 @@ def problem(entry, chat: bool):
     if not isinstance(entry, dict) or ("messages" in entry) != chat:
         return "not of the file's kind (a file holds Alpaca entries or conversations)"
     if not chat:
+        entry = {"input": "", **entry}  # input is the only optional key
         for key in ("instruction", "input", "output"):
-            default = "" if key == "input" else None  # input is the only optional key
-            if not isinstance(entry.get(key, default), str):
+            if not isinstance(entry.get(key), str):
                 return f"{key!r} is missing or not a string"
         return None
     messages = entry["messages"]
@@ -240,8 +240,7 @@ def problem(entry, chat: bool):
     return None
 
 def read_entries(path: str) -> list:
-    """A JSON list or JSON Lines of Alpaca entries {instruction, input (optional), output}, or of
-    conversations {messages: [{role, content}, ...]}; a bad entry is named."""
+    """A JSON list or JSON Lines of Alpaca entries or of conversations; a bad entry is named."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -303,6 +302,10 @@ def collate_turns(batch, allowed_max_length=None):
         row[:len(predicted)][~predicted[:len(row)]] = IGNORE
     return inputs, targets
 
+def row_length(item) -> int:
+    """The token count of a row: ids, or (prompt length or is_answer, ids)."""
+    return len(item[1] if isinstance(item, tuple) else item)
+
 # ---------------- devices and the model
 def pick_device(name: str) -> torch.device:
     """auto: cuda, then mps, then cpu. torch 2.13's MPS matmul gives M1/M2 wrong gradients when it
@@ -344,7 +347,7 @@ def prepare_data(cfg, model, enc):
     train_e, test_e, val_e = split(entries)
     if not (train_e and val_e and test_e):
         raise ValueError(f"{cfg.data}: {len(entries)} entries are too few to split: at least 10")
-    cfg.max_length = min(cfg.max_length, model.config.n_positions)  # where the position table ends
+    cfg.max_length = min(cfg.max_length, model.config.n_positions)
     chat = "messages" in entries[0]
     if cfg.style == "chat" and not chat:
         raise ValueError(f"--style chat is for conversations, not {cfg.data}'s Alpaca entries")
@@ -357,8 +360,7 @@ def prepare_data(cfg, model, enc):
     else:
         train_set = InstructionDataset(train_e, enc, cfg.style, cfg.mask_prompt)
         val_set = InstructionDataset(val_e, enc, cfg.style, cfg.mask_prompt)
-    rows = [item[1] if isinstance(item, tuple) else item for item in [*train_set, *val_set]]
-    cut = sum(len(ids) > cfg.max_length for ids in rows)
+    cut = sum(row_length(item) > cfg.max_length for item in [*train_set, *val_set])
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
         f"{cut} cut to --max-length {cfg.max_length}")
     for name, items in (("training", train_set), ("validation", val_set)):
@@ -372,14 +374,6 @@ def prepare_data(cfg, model, enc):
     if len(train_set) < cfg.batch_size * cfg.grad_accum:
         raise ValueError(f"--batch-size x --grad-accum is over the {len(train_set)} training rows")
     return train_set, val_set, val_e, collate
-
-def autocast_training(model, device: torch.device):
-    """bf16 autocast on the differentiated forwards only: validation and answers run in fp32."""
-    forward = model.forward
-    def forward_in_bf16(*args, **kwargs):
-        with torch.autocast(device.type, torch.bfloat16, enabled=torch.is_grad_enabled()):
-            return forward(*args, **kwargs).float()
-    model.forward = forward_in_bf16
 
 # ---------------- the loss plot
 def _text(x: float, y: float, label, anchor="middle", more="") -> str:
@@ -423,9 +417,8 @@ def loss_svg(metrics: list, steps_per_epoch: int) -> str:
 # ---------------- the run folder
 RESPONSES = "instruction-data-with-response"  # eval's file; the judge's files begin the same
 
-def claim_out(out: str) -> str:
-    """Before the model loads: --out must be writable; its old answers and scores go. Returns
-    what it holds until the first save (an earlier run's epoch, or nothing)."""
+def claim_out(out: str):
+    """Before the model loads: --out must be writable; its old answers and scores go."""
     try:
         os.makedirs(out, exist_ok=True)
         for name in os.listdir(out):
@@ -434,12 +427,6 @@ def claim_out(out: str) -> str:
         tempfile.TemporaryFile(dir=out).close()  # a file can be written there
     except OSError as e:
         raise ValueError(f"cannot write the run folder {out} ({e.strerror}); pick another --out")
-    try:
-        with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
-            epoch = json.load(f)["epochs_done"]
-    except (OSError, ValueError, TypeError, KeyError):  # no run.json train wrote
-        return "no epoch finished; nothing was saved"
-    return f"no epoch of this run finished; {out} still holds the earlier run's epoch {epoch}"
 
 def save_run(model, cfg, metrics: list, steps_per_epoch: int, done: dict):
     """Every file to .saving first, then the renames, run.json (settings + done) last."""
@@ -466,15 +453,17 @@ def lr_factor(step: int, steps: int, warmup_steps=0, cosine=False) -> float:
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (steps - warmup_steps)))
 
-def loss_and_backward(model, micro_batches, device) -> tuple:
+def loss_and_backward(model, micro_batches, device, bf16=False) -> tuple:
     """Gradients of the mean loss over all the micro-batches' targets, as one batch of their rows
-    (accumulation), each calc_loss_batch weighted by its share of them -> (summed loss, count)."""
+    (accumulation), each calc_loss_batch weighted by its share of them -> (summed loss, count).
+    bf16: the forwards under autocast; validation and answers, outside it, stay fp32."""
     counts = [int((targets != IGNORE).sum()) for _, targets in micro_batches]
     summed = torch.zeros((), device=device)
     for (inputs, targets), count in zip(micro_batches, counts):
         if count == 0:  # no target: its mean is NaN, and it adds nothing
             continue
-        loss = calc_loss_batch(inputs, targets, model, device) * count  # the targets' sum
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+            loss = calc_loss_batch(inputs, targets, model, device) * count  # the targets' sum
         (loss / sum(counts)).backward()
         summed += loss.detach()
     return summed, sum(counts)
@@ -498,11 +487,9 @@ def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, afte
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad()
-            window.append(loss_and_backward(model, micro_batches, device))
-            if cfg.max_grad_norm:  # the global norm, before clipping
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            elif step % cfg.eval_every == 0:  # a step without a target left no gradient: None
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            window.append(loss_and_backward(model, micro_batches, device, cfg.precision == "bf16"))
+            # the global norm before clipping; no limit (inf) leaves the gradients as they are
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
             optimizer.step()
             tokens_seen += sum(inputs.numel() for inputs, _ in micro_batches)
             if step % cfg.eval_every == 0:
@@ -523,7 +510,7 @@ def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, afte
         after_epoch(epoch, reports)
 
 def train(cfg: TrainConfig):
-    before = claim_out(cfg.out)  # first: an unwritable --out must not cost a training
+    claim_out(cfg.out)  # first: an unwritable --out must not cost a training
     enc = load_tokenizer()
     device = pick_device(cfg.device)
     if cfg.precision == "auto":  # run.json keeps what it trained in
@@ -535,8 +522,6 @@ def train(cfg: TrainConfig):
     if cfg.neftune_alpha:
         gpt.add_neftune(model, cfg.neftune_alpha)
     model.to(device)
-    if cfg.precision == "bf16":
-        autocast_training(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     log(f"model: {cfg.model} on {device} in {cfg.precision}, {trainable:,} trainable parameters")
@@ -565,7 +550,9 @@ def train(cfg: TrainConfig):
     try:
         fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, save)
     except KeyboardInterrupt:
-        kept = f"{cfg.out} holds epoch {len(saved)}" if saved else before
+        kept = f"{cfg.out} holds epoch {len(saved)}"
+        if not saved:
+            kept = f"no epoch of this run finished; {cfg.out} holds what it held before"
         raise KeyboardInterrupt(kept) from None
     log(f"trained in {time.time() - started:.1f}s; validation loss {saved[-1]:.3f}")
 

@@ -53,10 +53,12 @@ class JSONHandler(http.server.BaseHTTPRequestHandler):
 
 def ollama(replies=("85",), models=("llama3:latest",), status=200, error=None, stall=False, tags=None,
            fail_from=None, body=None):
-    """A stand-in Ollama on 127.0.0.1 (under any path prefix): GET /api/tags and POST /api/chat, answered as
-    Ollama answers "stream": false, one JSON object. Records each chat body (and its path in .paths).
+    """A stand-in Ollama on 127.0.0.1 (under any path prefix), in Ollama's shapes: its own API (GET /api/tags,
+    POST /api/chat with "stream": false: one JSON object) and its OpenAI-compatible one under /v1 (GET /v1/models
+    lists data[].id, POST /v1/chat/completions answers choices[0].message.content, errors are
+    {"error": {"message", "type", ...}}). Records each chat body (and its path in .paths).
 
-    tags: a raw /api/tags body; fail_from: HTTP 500 from that chat request on (1-based); stall: no reply for 3 s;
+    tags: a raw model-list body; fail_from: HTTP 500 from that chat request on (1-based); stall: no reply for 3 s;
     body: raw bytes sent as the chat reply (a cut or malformed one)."""
     import json
     import time
@@ -64,15 +66,22 @@ def ollama(replies=("85",), models=("llama3:latest",), status=200, error=None, s
 
     class Ollama(JSONHandler):
         def do_GET(self):
-            self.send(200, tags if tags is not None else {"models": [{"name": m} for m in models]})
+            if tags is not None:
+                return self.send(200, tags)
+            if self.path.endswith("/v1/models"):
+                return self.send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+            self.send(200, {"models": [{"name": m} for m in models]})
 
         def do_POST(self):
             bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             bodies.paths.append(self.path)
             bodies.headers.append(dict(self.headers))
+            openai = self.path.endswith("/v1/chat/completions")
             failing = fail_from is not None and len(bodies) >= fail_from
             if status != 200 or failing:
-                return self.send(500 if failing else status, {"error": error or "boom"})
+                message = error or "boom"
+                return self.send(500 if failing else status,
+                                 {"error": {"message": message, "type": "api_error"}} if openai else {"error": message})
             if stall:
                 time.sleep(3)
             if body is not None:
@@ -80,7 +89,10 @@ def ollama(replies=("85",), models=("llama3:latest",), status=200, error=None, s
                 self.end_headers()
                 return self.wfile.write(body)
             reply = replies[(len(bodies) - 1) % len(replies)]
-            self.send(200, {"message": {"role": "assistant", "content": reply}, "done": True})
+            message = {"role": "assistant", "content": reply}
+            if openai:
+                return self.send(200, {"object": "chat.completion", "choices": [{"index": 0, "message": message}]})
+            self.send(200, {"message": message, "done": True})
 
     url, srv = serve(Ollama)
     return url, bodies

@@ -79,19 +79,17 @@ def attention_dtypes(model):
     return seen
 
 
-def test_bf16_autocasts_the_differentiated_forwards_only_and_keeps_the_weights_and_logits_fp32():
+def test_bf16_autocasts_the_training_steps_forwards_only_and_keeps_the_weights_and_the_loss_fp32():
     model = tiny_model(seed=2)
     seen = attention_dtypes(model)
-    inputs, targets = sft.custom_collate_fn([(2, [5, 9, 14, 3]), (1, [8, 2])], pad_token_id=0)
-    fp32 = sft.calc_loss_batch(inputs, targets, model, "cpu")  # a string device, as the book passes it
-    sft.autocast_training(model, torch.device("cpu"))
-    bf16 = sft.calc_loss_batch(inputs, targets, model, "cpu")  # a training step's forward
-    with torch.no_grad():
-        measured = sft.calc_loss_batch(inputs, targets, model, "cpu")  # validation's, generation's
+    batch = sft.custom_collate_fn([(2, [5, 9, 14, 3]), (1, [8, 2])], pad_token_id=0)
+    fp32 = sft.calc_loss_batch(*batch, model, "cpu")  # a string device, as the book passes it
+    summed, count = sft.loss_and_backward(model, [batch], "cpu", bf16=True)  # a training step
+    measured = sft.calc_loss_loader([batch], model, "cpu")  # validation's, outside the step
     assert seen == [torch.float32, torch.bfloat16, torch.float32]
-    assert fp32.dtype == bf16.dtype == torch.float32 and measured.item() == fp32.item()
-    assert bf16.item() == pytest.approx(fp32.item(), rel=0.02) and bf16.item() != fp32.item()
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert summed.dtype == torch.float32 and measured == fp32.item()
+    assert (summed / count).item() == pytest.approx(fp32.item(), rel=0.02) and (summed / count).item() != fp32.item()
+    assert {p.dtype for p in model.parameters()} | {p.grad.dtype for p in model.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("native, flag, precision", [(True, [], "bf16"), (False, [], "fp32"), (True, ["--precision", "fp32"], "fp32")])

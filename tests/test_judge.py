@@ -1,4 +1,4 @@
-"""The judge against a stand-in Ollama on 127.0.0.1: the request, both reply forms, parsing, the journal, failures."""
+"""The judge against a stand-in Ollama on 127.0.0.1: the request, the reply, parsing, the journal, failures."""
 import http.server, json, shutil, socket, subprocess, sys, time
 
 import pytest
@@ -33,13 +33,14 @@ def cli(capsys, *argv):
     return run(capsys, "judge", *argv)
 
 
-def test_request_carries_the_model_the_books_prompt_and_the_options(tmp_path, capsys):
+def test_request_goes_to_ollamas_openai_api_with_the_model_the_books_prompt_and_the_options(tmp_path, capsys):
     url, bodies = ollama(replies=["85"])
     code, _, err = cli(capsys, responses_file(tmp_path, ["The car is as fast as a bullet."]), "--url", url)
     assert code == 0, err
     [body] = bodies
-    assert body["model"] == "llama3" and body["stream"] is False  # one JSON object: a cut reply is not JSON
-    assert body["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 512}
+    assert bodies.paths == ["/v1/chat/completions"]  # Ollama's root: its OpenAI-compatible API under /v1
+    assert body["model"] == "llama3" and "stream" not in body  # one JSON object: a cut reply is not JSON
+    assert {k: body[k] for k in ("temperature", "seed", "max_tokens")} == {"temperature": 0, "seed": 123, "max_tokens": 512}
     assert body["messages"] == [{"role": "user", "content": (
         "Given the input `Below is an instruction that describes a task. Write a response that appropriately completes "
         "the request.\n\n### Instruction:\nRewrite the sentence using a simile.\n\n### Input:\nThe car is very fast.` and "
@@ -52,15 +53,13 @@ def test_the_reply_is_the_message_content_of_one_json_object():
     assert judge.query("q", url=url) == "Score: 72"
 
 
-def test_query_asks_an_openai_compatible_server_for_a_v1_url_and_content_reads_either_reply_shape():
+def test_query_asks_a_v1_url_as_given_and_a_server_root_under_its_v1():
     url, bodies = openai_server(replies=["64"])
     assert judge.query("q", "gpt-4o-mini", url) == "64" and bodies.paths == ["/v1/chat/completions"]
-    assert judge.content("http://x/v1", {"choices": [{"message": {"role": "assistant", "content": "7"}}]}) == "7"
-    assert judge.content("http://x", {"message": {"role": "assistant", "content": "8"}}) == "8"
-    with pytest.raises(ValueError, match="^the server at http://x/v1 sent a chat reply without message content$"):
-        judge.content("http://x/v1", {"message": {"content": "8"}})  # Ollama's shape from a /v1 server: no choices
-    with pytest.raises(ValueError, match="^Ollama at http://x sent a chat reply without message content$"):
-        judge.content("http://x", {"message": {"content": 8}})
+    assert judge.query("q", "gpt-4o-mini", url + "/") == "64" and bodies.paths[-1] == "/v1/chat/completions"
+    url, bodies = ollama(body=b'{"message": {"content": "8"}, "done": true}')  # Ollama's own shape: no choices
+    with pytest.raises(ValueError, match=f"^the judge at {url} sent a chat reply without message content$"):
+        judge.query("q", url=url)
 
 
 SCORES = [  # (reply, score): what judges answer, and the rule's reading (judge.parse_score's docstring); a
@@ -125,7 +124,7 @@ def test_the_server_is_url_then_ollama_host_as_host_port_or_url_then_localhost(m
 def test_a_path_prefix_reaches_the_server_under_it():
     url, bodies = ollama(replies=["70"])
     assert judge.query("q", url=url + "/ollama/") == "70"
-    assert bodies.paths == ["/ollama/api/chat"]
+    assert bodies.paths == ["/ollama/v1/chat/completions"]
 
 
 def test_scores_sit_beside_their_entries_in_a_file_named_after_the_responses(tmp_path, capsys):
@@ -229,19 +228,19 @@ def free_port():
 
 
 FAILURES = {
-    "no server": (lambda: (f"http://127.0.0.1:{free_port()}", []), "cannot reach Ollama at http://127.0.0.1:"),
-    "model not pulled": (lambda: ollama(models=["mistral:latest"]), "has mistral:latest, not llama3: `ollama pull llama3`"),
+    "no server": (lambda: (f"http://127.0.0.1:{free_port()}", []), "cannot reach the judge at http://127.0.0.1:"),
+    "model not pulled": (lambda: ollama(models=["mistral:latest"]), "has mistral:latest, not llama3: `ollama pull llama3`, or pick one with --judge"),
     "only other llama3 tags": (lambda: ollama(models=["llama3.1:latest", "llama3:70b"]),
                                "has llama3.1:latest, llama3:70b, not llama3: `ollama pull llama3`"),
     "404 from chat": (lambda: ollama(status=404, error='model "llama3" not found, try pulling it first'), "try pulling it"),
-    "HTTP 500": (lambda: ollama(status=500, error="out of memory"), "answered HTTP 500: {\"error\": \"out of memory\"}"),
+    "HTTP 500": (lambda: ollama(status=500, error="out of memory"), "answered HTTP 500: {\"error\": {\"message\": \"out of memory\""),
     "no reply in time": (lambda: ollama(stall=True), "sent no reply within 1s"),
     "a reply cut short": (lambda: ollama(body=b'{"message": {"content": "8'), "sent a broken reply"),
     "a reply that is not JSON": (lambda: ollama(body=b"<html>proxy login</html>"), "sent a broken reply"),
     "a reply that is a list": (lambda: ollama(body=b"[1, 2]"), "without message content"),
-    "content null": (lambda: ollama(body=b'{"message": {"content": null}, "done": true}'), "without message content"),
-    "tags not an object": (lambda: ollama(tags=[1, 2]), "/api/tags sent no list of models"),
-    "tags not JSON": (lambda: ollama(tags=b"<html>"), "sent a broken reply"),
+    "content null": (lambda: ollama(body=b'{"choices": [{"message": {"content": null}}]}'), "without message content"),
+    "models not an object": (lambda: ollama(tags=[1, 2]), "/models sent no list of models"),
+    "models not JSON": (lambda: ollama(tags=b"<html>"), "sent a broken reply"),
 }
 
 
@@ -252,7 +251,7 @@ def test_failures_are_one_clear_line_and_a_nonzero_exit(tmp_path, capsys, case):
     began = time.monotonic()
     code, _, _ = cli(capsys, responses_file(tmp_path, ["a"]), "--url", url, "--timeout", 1)
     assert isinstance(code, str) and code.startswith("error: ") and message in code and "\n" not in code
-    assert "Ollama" in code and time.monotonic() - began < 5
+    assert "the judge at http://127.0.0.1:" in code and time.monotonic() - began < 5
     assert not (tmp_path / "r-scores.json").exists()
 
 
@@ -266,7 +265,7 @@ def test_a_check_unanswered_in_time_asks_about_the_address_not_for_a_longer_time
     url, _ = serve(Silent)
     monkeypatch.setattr(judge, "CHECK_TIMEOUT", 0.5)
     code, _, _ = cli(capsys, responses_file(tmp_path, ["a"]), "--url", url, "--timeout", 100)
-    assert code == f"error: Ollama at {url} sent no reply within 0.5s; is that the right address? (--url, OLLAMA_HOST)"
+    assert code == f"error: the judge at {url} sent no reply within 0.5s; is that the right address? (--url, OLLAMA_HOST)"
 
 
 def test_an_error_while_scoring_starts_on_its_own_line(tmp_path, capsys):
@@ -316,13 +315,13 @@ def test_the_key_goes_as_a_bearer_header_to_v1_only_and_into_no_output_or_file(t
     assert "0123456789secret" not in out + err + written
     ollama_url, ollama_bodies = ollama()
     assert cli(capsys, responses_file(tmp_path, ["b"]), "--url", ollama_url)[0] == 0
-    assert not any("Authorization" in h for h in ollama_bodies.headers)  # Ollama's own API gets no key
+    assert not any("Authorization" in h for h in ollama_bodies.headers)  # a root we add /v1 to gets no key
 
 
 OPENAI_FAILURES = {
     "refused key": (dict(key="sk-right"), "refused the key (HTTP 401): set OPENAI_API_KEY"),
     "judge not listed": (dict(models=["gpt-4o", "gpt-4o-mini-2024"]), "has gpt-4o, gpt-4o-mini-2024, not gpt-4o-mini: "
-                                                                       "pick one with --judge"),
+                                                                       "`ollama pull gpt-4o-mini`, or pick one with --judge"),
     "rate limit": (dict(status=429, error="Rate limit reached for requests"), "answered HTTP 429: "),
     "server error": (dict(status=503, error="The server is overloaded"), "The server is overloaded"),
     "no content": (dict(body={"id": "x", "choices": []}), "sent a chat reply without message content"),
@@ -344,7 +343,7 @@ def test_an_openai_compatible_servers_failures_are_one_line_and_exit_1_without_t
         assert bodies == []  # said before any question
 
 
-def test_a_rerun_on_the_other_protocol_asks_only_what_the_journal_lacks(tmp_path, capsys, monkeypatch):
+def test_a_rerun_on_another_server_asks_only_what_the_journal_lacks(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     path = responses_file(tmp_path, ["a", "b", "c"])
     url, _ = ollama(replies=["50"], fail_from=3)
