@@ -138,7 +138,7 @@ def merge_lora(model: GPT) -> GPT:
 
 def add_neftune(model, alpha: float):
     """NEFTune (beyond the book): while training only, noise in +-alpha / sqrt(L * d) on wte."""
-    def noisy(wte, inputs, embeddings):  # a forward hook: what it returns replaces wte's output
+    def noisy(wte, inputs, embeddings):  # a forward hook: its result replaces wte's output
         if not wte.training:
             return embeddings
         bound = alpha / math.sqrt(embeddings.shape[1] * embeddings.shape[2])  # (B, L, d)
@@ -147,8 +147,8 @@ def add_neftune(model, alpha: float):
 
 # ---------------- fast generation: a batch of prompts at once, with a KV cache
 def cached_pass(model: GPT, idx, pos, mask, cache, start: int):
-    """model(idx)'s last position, for the tokens at cache columns start.. only: the keys and
-    values before them come from cache (n_layer, 2, B, nh, S, hs); mask (B, 1, T, start+T)."""
+    """model(idx)'s last position for the tokens at cache columns start..; the keys and values
+    before them come from cache (n_layer, 2, B, nh, S, hs); mask (B, 1, T, start+T)."""
     x = model.wte(idx) + model.wpe(pos)  # (B, T, C)
     end = start + idx.shape[1]
     for block, kv in zip(model.h, cache):
@@ -166,7 +166,7 @@ def generate_batch(model: GPT, prompts, max_new_tokens: int, temperature=0.0, to
     c = model.config
     device = model.wte.weight.device
     prompts = [p[-(c.n_positions - 1):] for p in prompts]  # an over-long prompt keeps its newest
-    # each row's own budget: its new tokens end where its positions reach the context's end
+    # each row's budget: its new tokens end where its positions reach the context's end
     budgets = [min(max_new_tokens, c.n_positions - len(p)) for p in prompts]
     P = max(map(len, prompts))
     S = P + max(budgets)  # cache columns: the longest prompt, then the largest budget
@@ -181,7 +181,7 @@ def generate_batch(model: GPT, prompts, max_new_tokens: int, temperature=0.0, to
     cache = torch.empty(c.n_layer, 2, len(prompts), c.n_head, S, c.n_embd // c.n_head,
                         device=device, dtype=model.wte.weight.dtype)
     ends = torch.tensor(budgets, device=device)
-    # generate() runs the loop; the "model" it calls reads only the new tokens, from the cache
+    # generate() runs the loop; the "model" it calls reads only the new tokens, with the cache
     def next_logits(idx):  # idx (B, P + new so far) -> (B, 1, vocab), as model(idx)[:, -1:]
         end = idx.shape[1]
         start = 0 if end == P else end - 1  # the prompts first, then one new token a pass
@@ -200,9 +200,9 @@ def generate_batch(model: GPT, prompts, max_new_tokens: int, temperature=0.0, to
 # ---------------- safetensors
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIKTOKEN_CACHE = os.path.join(HERE, "data", "tiktoken-cache")  # GPT-2's BPE files, shipped
-TOKENIZER_FILES = {  # the hub's names for them: tiktoken's (SHA-1s of their URLs) for its cache
-    "vocab.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",  # tiktoken's encoder.json
-    "merges.txt": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"}  # tiktoken's vocab.bpe
+TOKENIZER_FILES = {  # the hub's names: tiktoken's cache names (SHA-1s of their URLs)
+    "vocab.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",  # encoder.json
+    "merges.txt": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"}  # vocab.bpe
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool}
@@ -212,12 +212,12 @@ def read_safetensors(path) -> dict:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")  # the header's length, then n bytes of JSON
+            n = int.from_bytes(f.read(8), "little")  # then n bytes of JSON header
             if 8 + n > size:
                 raise ValueError(f"a {n}-byte header does not fit in {size} bytes")
             header = json.loads(f.read(n))
         header.pop("__metadata__", None)
-        # a private copy-on-write map: pages load as tensors touch them; writes never reach the file
+        # a private copy-on-write map: pages load as tensors touch them; no write reaches the file
         storage = torch.UntypedStorage.from_file(str(path), False, size)
         data = torch.empty(0, dtype=torch.uint8).set_(storage)[8 + n:]
         tensors = {}
@@ -229,12 +229,12 @@ def read_safetensors(path) -> dict:
             if not (0 <= begin <= end <= len(data) and end - begin == nbytes):
                 raise ValueError(f"tensor {name}: bytes {begin} to {end} cannot hold {dtype} {shape}")
             t = data[begin:end]
-            if t.storage_offset() % dtype.itemsize:
-                t = t.clone()  # a view starts at a multiple of its item size
+            if t.storage_offset() % dtype.itemsize:  # a view must start at a multiple of it
+                t = t.clone()
             tensors[name] = t.view(dtype).view(shape)
         return tensors
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
-        reason = f"{type(e).__name__}: {e}"  # KeyError's own text is just the key
+        reason = f"{type(e).__name__}: {e}"  # a KeyError's text is just the key
         raise ValueError(f"{path}: not a valid safetensors file ({reason})") from None
 
 def _atomic_write(path, write, check=lambda tmp: None):
@@ -246,9 +246,9 @@ def _atomic_write(path, write, check=lambda tmp: None):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        check(tmp)  # a download's own check, before the file is in place
+        check(tmp)  # a download's check, before the file is in place
         os.replace(tmp, path)
-    except OSError as e:  # a full disk, a read-only folder: name the file
+    except OSError as e:  # a full disk, a read-only folder
         raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
@@ -278,10 +278,10 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None):
 # ---------------- Hugging Face checkpoints
 ALIASES = {a: f"openai-community/{a}" for a in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, never "." or ".."
-DOWNLOAD_TIMEOUT = 60  # seconds to wait for the server's next bytes
+DOWNLOAD_TIMEOUT = 60  # seconds for the server's next bytes
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
-def cache_dir(*parts) -> str:  # $XDG_CACHE_HOME/gpt2-sft/..., by default ~/.cache/gpt2-sft/...
+def cache_dir(*parts) -> str:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(root, "gpt2-sft", *parts)
 
@@ -289,7 +289,7 @@ def download(url: str, dest: str, check, hint: str):
     """Fetch url into dest, whole and valid (check(path) raises ValueError), or not at all."""
     try:
         response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)  # follows redirects
-    except (OSError, http.client.HTTPException, ValueError) as e:  # 404, refused, timeout, not HTTP
+    except (OSError, http.client.HTTPException, ValueError) as e:  # 404, refused, not HTTP
         raise ValueError(f"cannot download {url} ({getattr(e, 'reason', e)}); {hint}") from None
     def copy_body(f):
         try:
@@ -336,11 +336,11 @@ def load_state(path) -> dict:
     state = {}
     for k, v in read_safetensors(path).items():
         k = k.removeprefix("transformer.")  # transformers' save_pretrained adds it
-        if k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # causal-mask buffers carry nothing we need
+        if k.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers
+            continue
         v = v.t() if k.endswith(CONV1D) else v
         state[k] = v.float()  # F16 and BF16 load as F32; F32 stays memory-mapped
-    head = state.pop("lm_head.weight", None)  # the head is tied: a copy of wte adds nothing
+    head = state.pop("lm_head.weight", None)  # tied: a copy of wte
     if head is not None and not torch.equal(head, state.get("wte.weight")):
         raise ValueError(f"{path}: lm_head.weight differs from wte.weight; this GPT-2 ties them")
     return state
@@ -348,7 +348,7 @@ def load_state(path) -> dict:
 def from_pretrained(name: str) -> GPT:
     """A GPT-2 in the Hugging Face layout: a local folder, an alias, or an owner/name repo."""
     folder = name
-    if not os.path.isdir(name):  # a hub repo: its two files are downloaded into the cache once
+    if not os.path.isdir(name):  # a hub repo: its two files, downloaded into the cache once
         repo = ALIASES.get(name, name)
         if not REPO.fullmatch(repo):
             raise ValueError(f"model {name}: no such folder, nor a Hugging Face repo owner/name")
@@ -364,8 +364,9 @@ def from_pretrained(name: str) -> GPT:
     try:
         with torch.device("meta"):
             model = GPT(config)  # no memory yet: the file's tensors are assigned below
-        model.load_state_dict(state, assign=True)  # names every missing, extra or misshapen one
-    except (TypeError, RuntimeError) as e:  # sizes that build no GPT, tensors that do not fit it
+        model.load_state_dict(state, assign=True)  # names any missing, extra or misshapen one
+    except (TypeError, RuntimeError) as e:  # sizes that build no GPT, tensors that do not fit
+
         raise ValueError(f"{folder}: not a GPT-2 checkpoint that loads ({e})") from None
     return model
 

@@ -150,7 +150,7 @@ def respond(model, test_data, tokenizer, device, style="alpaca", max_new_tokens=
     return answers
 
 # ================ the tool: what runs the job for real and fails well, none of it the chapter
-import argparse, copy, hashlib, json, math, os, shutil, sys, tempfile, time
+import argparse, copy, json, math, os, shutil, sys, tempfile, time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from torch.utils.data import DataLoader
@@ -159,7 +159,7 @@ import judge
 import tiktoken
 
 IGNORE = -100  # targets that cross_entropy skips (its default ignore_index)
-# each prompt style's response marker: conversations (chat) are in their own template, below
+# each prompt style's response marker, taken out of its answers
 STYLES = {"alpaca": "### Response:", "phi3": "<|assistant|>:", "chat": "<|assistant|>:"}
 DATA = os.path.join(gpt.HERE, "data", "instruction-data.json")  # the book's 1,100 entries
 
@@ -172,7 +172,7 @@ def flag(default, help):
 @dataclass
 class TrainConfig:
     model: str = flag("gpt2-medium", "gpt2[-medium|-large|-xl], owner/name, a folder, or tiny")
-    data: str = flag(DATA, "JSON (Lines) of entries or conversations: a path or URL")
+    data: str = flag(DATA, "a JSON list or JSON Lines file of entries or conversations")
     out: str = flag(None, "the run folder (default: runs/<model name>)")
     style: str = flag("alpaca", "prompt style: alpaca or phi3 (exercise 7.1); conversations: chat")
     mask_prompt: bool = flag(False, "no loss on the prompt tokens (exercise 7.2)")
@@ -221,7 +221,7 @@ def problem(entry, chat: bool):
     if not isinstance(entry, dict) or ("messages" in entry) != chat:
         return "not of the file's kind (a file holds Alpaca entries or conversations)"
     if not chat:
-        entry = {"input": "", **entry}  # input is the only optional key
+        entry = {"input": "", **entry}  # the only optional key
         for key in ("instruction", "input", "output"):
             if not isinstance(entry.get(key), str):
                 return f"{key!r} is missing or not a string"
@@ -239,7 +239,7 @@ def problem(entry, chat: bool):
         return "its last message is not the assistant's"
     return None
 
-def read_entries(path: str) -> list:
+def load_entries(path: str = DATA) -> list:
     """A JSON list or JSON Lines of Alpaca entries or of conversations; a bad entry is named."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -259,33 +259,23 @@ def read_entries(path: str) -> list:
             raise ValueError(f"{path}: entry {i}: {wrong}")
     return data
 
-def load_entries(source: str = DATA) -> list:
-    """Entries from a path, or from a URL downloaded once into the cache (checked first)."""
-    if source.startswith(("http://", "https://")):
-        name = hashlib.sha1(source.encode()).hexdigest()[:16] + ".json"
-        path = os.path.join(gpt.cache_dir("data"), name)
-        if not os.path.exists(path):
-            hint = "check the URL, or pass a local file with --data"
-            gpt.download(source, path, read_entries, hint)
-        source = path
-    return read_entries(source)
 
 def load_tokenizer():
     """tiktoken's gpt2 encoding: the BPE files in data/, or in TIKTOKEN_CACHE_DIR."""
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", gpt.TIKTOKEN_CACHE)
-    return tiktoken.get_encoding("gpt2")  # it checks the files' hashes
+    return tiktoken.get_encoding("gpt2")
 
 # ---------------- conversations: their ids and targets
 def chat_row(messages, enc, mask_prompt=False):
-    """A conversation's row: the template's ids, 50256 after each assistant turn but the last
-    (collate's target); with mask_prompt (is_answer, ids): is token j an assistant's?"""
+    """The template's ids, 50256 after each assistant turn but the last (collate adds it); with
+    mask_prompt (is_answer, ids): is token j an assistant's?"""
     ids = []
     is_answer = []
-    text = ""  # the turns since the last end-of-text
+    text = ""  # the turns since the last end-of-text, encoded at once as InstructionDataset's
     for m in messages:
         text += TURNS[m["role"]].format(m["content"])
         if m["role"] == "assistant":
-            tokens = enc.encode_ordinary(text)  # at once, as InstructionDataset encodes
+            tokens = enc.encode_ordinary(text)
             start = len(text) - len(m["content"])  # where the answer begins
             ids += tokens + [gpt.EOT]
             is_answer += [at >= start for at in enc.decode_with_offsets(tokens)[1]] + [True]
@@ -298,7 +288,7 @@ def collate_turns(batch, allowed_max_length=None):
     inputs, targets = custom_collate_fn(rows, allowed_max_length=allowed_max_length)
     for row, (is_answer, _) in zip(targets, batch):
         predicted = torch.tensor(is_answer[1:] + [True])  # position j predicts token j + 1
-        # row: T targets (padded or cut), predicted: the row's own n; mask where they overlap
+        # row: T targets (padded or cut), predicted: the row's n; mask where they overlap
         row[:len(predicted)][~predicted[:len(row)]] = IGNORE
     return inputs, targets
 
@@ -321,7 +311,7 @@ def pick_device(name: str) -> torch.device:
         raise ValueError(f"--device mps needs torch 2.14 or newer, not {torch.__version__} (its "
                          "gradients are wrong on M1/M2): pip install -U 'torch>=2.14'")
     try:
-        torch.empty(0, device=name)  # fails unless this machine has it
+        torch.empty(0, device=name)
     except (RuntimeError, AssertionError):
         raise ValueError(f"--device {name} is not available here; use auto or cpu") from None
     return torch.device(name)
@@ -330,19 +320,19 @@ def native_bf16(device: torch.device) -> bool:
     """Does the device compute in bf16 natively? Emulated bf16 is slower than fp32."""
     if device.type == "cuda":  # Ampere (8.0) on; a T4 is 7.5
         return torch.cuda.get_device_capability(device) >= (8, 0)
-    if device.type == "cpu":  # AVX512-BF16 or AMX (Zen 4, Sapphire Rapids on)
+    if device.type == "cpu":  # Zen 4, Sapphire Rapids on
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False  # mps trains in fp32
+    return False
 
 def load_model(name: str, seed: int = 0) -> gpt.GPT:
-    """tiny: a random small GPT-2 with the GPT-2 vocabulary; anything else: from_pretrained."""
+    """tiny: a random small GPT-2; anything else: from_pretrained."""
     torch.manual_seed(seed)
     if name == "tiny":
         return gpt.GPT(gpt.GPTConfig(n_embd=128, n_layer=4, n_head=4))
     return gpt.from_pretrained(name)
 
 def prepare_data(cfg, model, enc):
-    """The training and validation rows, the validation entries, and the collate function."""
+    """The training and validation rows, the validation entries and the collate function."""
     entries = load_entries(cfg.data)[:cfg.limit or None]
     train_e, test_e, val_e = split(entries)
     if not (train_e and val_e and test_e):
@@ -364,7 +354,7 @@ def prepare_data(cfg, model, enc):
     log(f"data: {len(train_e)} train / {len(val_e)} validation / {len(test_e)} test entries; "
         f"{cut} cut to --max-length {cfg.max_length}")
     for name, items in (("training", train_set), ("validation", val_set)):
-        masked = sum(bool((collate([item])[1] == IGNORE).all()) for item in items)  # no target
+        masked = sum(bool((collate([item])[1] == IGNORE).all()) for item in items)
         if masked:
             log(f"{masked} of {len(items)} {name} rows keep no target (cut before their response)")
         # nothing to learn, or a validation batch without a mean
@@ -385,7 +375,7 @@ def loss_svg(metrics: list, steps_per_epoch: int) -> str:
     low = min(losses)
     span = max(max(losses) - low, 1e-9)
     last = max(metrics[-1]["step"], 1)
-    def x(step):  # the plot area is x 60 to 620, y 20 (the highest loss) to 350 (the lowest)
+    def x(step):  # the plot area: x 60 to 620, y 20 (the highest loss) to 350 (the lowest)
         return 60 + 560 * step / last
     def y(loss):
         return 350 - 330 * (loss - low) / span
@@ -394,7 +384,7 @@ def loss_svg(metrics: list, steps_per_epoch: int) -> str:
            '<path d="M60,20 V350 H620" stroke="black" fill="none"/>',
            _text(340, 390, "optimizer step"),
            _text(20, 185, "loss", more=' transform="rotate(-90 20 185)"')]
-    for k in range(5):  # five evenly spaced ticks on each axis
+    for k in range(5):  # ticks
         step = round(last * k / 4)
         loss = low + span * k / 4
         svg.append(_text(x(step), 368, step))
@@ -410,12 +400,12 @@ def loss_svg(metrics: list, steps_per_epoch: int) -> str:
         style = f'stroke="{color}" stroke-width="2" fill="none" stroke-dasharray="{dash}"'
         points = " ".join(f"{x(m['step']):.1f},{y(m[key]):.1f}" for m in metrics)
         svg.append(f'<polyline id="{name}" {style} points="{points}"/>')
-        svg.append(f'<path d="M330,{34 + 16 * row} h24" {style}/>')  # the legend
+        svg.append(f'<path d="M330,{34 + 16 * row} h24" {style}/>')
         svg.append(_text(360, 38 + 16 * row, legend, "start"))
     return "\n".join(svg) + "\n</svg>\n"
 
 # ---------------- the run folder
-RESPONSES = "instruction-data-with-response"  # eval's file; the judge's files begin the same
+RESPONSES = "instruction-data-with-response"  # eval's file, as the book's; the judge's begin so
 
 def claim_out(out: str):
     """Before the model loads: --out must be writable; its old answers and scores go."""
@@ -424,20 +414,20 @@ def claim_out(out: str):
         for name in os.listdir(out):
             if name.startswith(RESPONSES):  # they belong to other weights
                 os.remove(os.path.join(out, name))
-        tempfile.TemporaryFile(dir=out).close()  # a file can be written there
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         raise ValueError(f"cannot write the run folder {out} ({e.strerror}); pick another --out")
 
 def save_run(model, cfg, metrics: list, steps_per_epoch: int, done: dict):
     """Every file to .saving first, then the renames, run.json (settings + done) last."""
     staging = os.path.join(cfg.out, ".saving")
-    if cfg.lora_rank:  # a copy with the adapters folded in; training goes on
+    if cfg.lora_rank:  # a copy with the adapters folded in: training goes on
         model = gpt.merge_lora(copy.deepcopy(model))
     try:
         gpt.save_pretrained(model, staging)
         texts = {"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics),
                  "loss.svg": loss_svg(metrics, steps_per_epoch),
-                 "run.json": json.dumps({**asdict(cfg), **done}, indent=2)}  # renamed last
+                 "run.json": json.dumps({**asdict(cfg), **done}, indent=2)}
         for name, text in texts.items():
             gpt.write_text(os.path.join(staging, name), text)
         for name in ("model.safetensors", "config.json", *gpt.TOKENIZER_FILES, *texts):
@@ -446,7 +436,7 @@ def save_run(model, cfg, metrics: list, steps_per_epoch: int, done: dict):
         shutil.rmtree(staging, ignore_errors=True)
 
 def lr_factor(step: int, steps: int, warmup_steps=0, cosine=False) -> float:
-    """Appendix D, as transformers: the rate's factor at step 0 .. steps - 1, warmup then cosine."""
+    """Appendix D, as transformers: the rate's factor at step 0 .. steps - 1."""
     if step < warmup_steps:
         return step / warmup_steps
     if not cosine:
@@ -454,23 +444,22 @@ def lr_factor(step: int, steps: int, warmup_steps=0, cosine=False) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (steps - warmup_steps)))
 
 def loss_and_backward(model, micro_batches, device, bf16=False) -> tuple:
-    """Gradients of the mean loss over all the micro-batches' targets, as one batch of their rows
-    (accumulation), each calc_loss_batch weighted by its share of them -> (summed loss, count).
-    bf16: the forwards under autocast; validation and answers, outside it, stay fp32."""
+    """Gradients of the mean loss over all the micro-batches' targets, each calc_loss_batch
+    weighted by its share -> (summed loss, count); bf16: autocast (validation stays fp32)."""
     counts = [int((targets != IGNORE).sum()) for _, targets in micro_batches]
     summed = torch.zeros((), device=device)
     for (inputs, targets), count in zip(micro_batches, counts):
-        if count == 0:  # no target: its mean is NaN, and it adds nothing
+        if count == 0:  # its mean is NaN, and it adds nothing
             continue
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
-            loss = calc_loss_batch(inputs, targets, model, device) * count  # the targets' sum
+            loss = calc_loss_batch(inputs, targets, model, device) * count
         (loss / sum(counts)).backward()
         summed += loss.detach()
     return summed, sum(counts)
 
 def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, after_epoch):
-    """The tool's train_model_simple: accumulation, appendix D's schedule and clipping, a report's
-    train loss its own steps' (no second pass), and after_epoch(epoch, reports)."""
+    """The tool's train_model_simple: accumulation, appendix D's schedule and clipping, a
+    report's train loss its own steps'; after_epoch(epoch, reports)."""
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     params = [p for p in model.parameters() if p.requires_grad]
     reports = []
@@ -478,7 +467,7 @@ def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, afte
     tokens_seen = 0
     started = time.time()
     for epoch in range(1, cfg.epochs + 1):
-        model.train()  # this GPT-2 has no dropout: train mode only turns NEFTune's noise on
+        model.train()  # no dropout here: train mode only turns NEFTune's noise on
         batches = iter(train_loader)
         for step in range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch):
             micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
@@ -488,12 +477,12 @@ def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, afte
                 group["lr"] = lr
             optimizer.zero_grad()
             window.append(loss_and_backward(model, micro_batches, device, cfg.precision == "bf16"))
-            # the global norm before clipping; no limit (inf) leaves the gradients as they are
+            # the global norm before clipping; clipping to inf leaves the gradients as they are
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
             optimizer.step()
             tokens_seen += sum(inputs.numel() for inputs, _ in micro_batches)
             if step % cfg.eval_every == 0:
-                model.eval()  # validation without NEFTune's noise
+                model.eval()
                 val_loss = calc_loss_loader(val_loader, model, device, eval_iter)
                 model.train()
                 counted = sum(n for _, n in window)  # 0: no target since the last report, NaN
@@ -526,7 +515,7 @@ def train(cfg: TrainConfig):
     trainable = sum(p.numel() for p in params)
     log(f"model: {cfg.model} on {device} in {cfg.precision}, {trainable:,} trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    shuffle = torch.Generator().manual_seed(cfg.seed)  # the batch order: --seed's
+    shuffle = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True,
                               generator=shuffle, collate_fn=collate_fn)
     val_loader = DataLoader(val_set, cfg.batch_size, collate_fn=collate_fn)
@@ -537,8 +526,7 @@ def train(cfg: TrainConfig):
         f"({cfg.batch_size} x {cfg.grad_accum}), {steps_per_epoch * cfg.epochs} steps; validation "
         f"on {curve_rows} rows at each report, on all {len(val_set)} after each epoch")
     saved = []
-    started = time.time()
-    def save(epoch, reports):  # after each epoch: the whole validation set, then the run folder
+    def save(epoch, reports):
         log(f"epoch {epoch}'s answer to the first validation entry: "
             + answer(model, val_e[:1], enc, cfg.style, 50)[0].replace("\n", " "))
         val_loss = calc_loss_loader(val_loader, model, device)
@@ -554,7 +542,7 @@ def train(cfg: TrainConfig):
         if not saved:
             kept = f"no epoch of this run finished; {cfg.out} holds what it held before"
         raise KeyboardInterrupt(kept) from None
-    log(f"trained in {time.time() - started:.1f}s; validation loss {saved[-1]:.3f}")
+
 
 def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False,
            **sampling) -> list:
@@ -562,7 +550,7 @@ def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=Fal
     model.eval()
     if style == "chat":  # a conversation's turns before its last, then the assistant's marker
         prompts = [chat_row(e["messages"][:-1] + [OPEN_TURN], enc) for e in entries]
-    else:  # the book's prompt alone: format_input, or 7.1's
+    else:
         format_prompt = format_input_phi if style == "phi3" else format_input
         prompts = [enc.encode_ordinary(format_prompt(e)) for e in entries]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -571,7 +559,7 @@ def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=Fal
         chunk = order[k:k + 32]
         new_ids = gpt.generate_batch(model, [prompts[i] for i in chunk], max_new_tokens,
                                      eos_id=gpt.EOT, **sampling)
-        for i, ids in zip(chunk, new_ids):  # back in the entries' order
+        for i, ids in zip(chunk, new_ids):
             answers[i] = enc.decode(ids).replace(STYLES[style], "").strip()
         if progress:
             log(f"answered {k + len(chunk)} of {len(prompts)}")
@@ -583,7 +571,7 @@ def load_run(out: str, device: str):
     try:  # no run there, or a hand-edited run.json: one line, whatever is wrong
         with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
             settings = json.load(f)
-        for key in ("epochs_done", "val_loss", "val_rows"):  # what train adds to the settings
+        for key in ("epochs_done", "val_loss", "val_rows"):  # train's, not settings
             settings.pop(key, None)
         cfg = TrainConfig(**settings)
         model = load_model(out)
@@ -592,12 +580,12 @@ def load_run(out: str, device: str):
     return model.to(pick_device(device)), cfg
 
 def generate_command(a):
-    """generate: answers alone on stdout; no instruction: one per line of stdin. A run trained on
+    """generate: answers on stdout, to the instruction or to each line of stdin; a run trained on
     conversations remembers: each line is the user's next turn."""
     if a.temperature < 0 or (a.top_k is not None and a.top_k < 1):
         raise ValueError("--temperature must be 0 or more, and --top-k 1 or more")
-    model, cfg = load_run(a.out, a.device)  # once, however many instructions follow
-    chat = cfg.style == "chat"  # a run trained on conversations
+    model, cfg = load_run(a.out, a.device)
+    chat = cfg.style == "chat"
     if (a.system and not chat) or (a.input and chat):
         raise ValueError(f"{a.out}: --system is for runs on conversations, --input for the others")
     enc = load_tokenizer()
@@ -606,7 +594,7 @@ def generate_command(a):
     if from_stdin and sys.stdin.isatty():  # in a pipe, nothing but the answers
         log("instructions, one per line (Ctrl-D ends):")
     system = [{"role": "system", "content": a.system}] if a.system else []
-    history = []  # a conversation's turns so far
+    history = []
     told = False  # that the oldest turns go, said once
     room = model.config.n_positions - a.max_new_tokens  # the prompt's share of the context
     for line in sys.stdin if from_stdin else [a.instruction]:
@@ -622,24 +610,24 @@ def generate_command(a):
         torch.manual_seed(a.seed)  # the same seed, the same answer
         answer_text = answer(model, [entry], enc, cfg.style, a.max_new_tokens,
                              temperature=a.temperature, top_k=top_k)[0]
-        history.append({"role": "assistant", "content": answer_text})  # a chat's next turn
+        history.append({"role": "assistant", "content": answer_text})
         if from_stdin:  # one line per answer: its own line breaks are written as \n
             answer_text = answer_text.replace("\n", "\\n")
         print(answer_text, flush=True)
 
 def judge_parts(entry) -> tuple:
-    """The judge's input and correct output: the book's, or a conversation's turns before its last
-    (the template's text, <|endoftext|> after each assistant turn) and its last."""
+    """The judge's input and correct output: the book's, or a conversation's turns before its
+    last, as the template writes them, and its last."""
     if "messages" not in entry:
         return format_input(entry), entry["output"]
     *before, last = entry["messages"]
-    ends = {"assistant": "<|endoftext|>"}  # 50256 in the ids, written out as text here
+    ends = {"assistant": "<|endoftext|>"}  # 50256 in the ids, as text here
     text = "".join(TURNS[m["role"]].format(m["content"]) + ends.get(m["role"], "") for m in before)
     return text, last["content"]
 
 def judge_file(path: str, key: str, a):
     """Score every entry's response into X-scores.json beside X.json."""
-    entries = read_entries(path)
+    entries = load_entries(path)
     for i, e in enumerate(entries):
         if not isinstance(e.get(key), str):
             raise ValueError(f"{path}: entry {i} has no string {key!r}; pick the field with --key")
@@ -647,8 +635,8 @@ def judge_file(path: str, key: str, a):
     stem = path.removesuffix(".json")
     scores = judge.score_all(prompts, stem + "-scores.jsonl", a.judge, a.url, a.timeout)
     entries = [{**e, "score": score} for e, score in zip(entries, scores)]
-    scored = [s for s in scores if s is not None]  # None: none stated
-    average = sum(scored) / len(scored) if scored else None  # None: nothing to average
+    scored = [s for s in scores if s is not None]
+    average = sum(scored) / len(scored) if scored else None
     result = {"judge": a.judge, "average": average, "scored": len(scored), "total": len(entries)}
     gpt.write_text(stem + "-scores.json", json.dumps({**result, "entries": entries}, indent=2))
     print(f"Average score: {average or 0:.2f} ({len(scored)} of {len(entries)} scored)")
@@ -660,7 +648,7 @@ def eval_command(a):
         judge.preflight(a.judge, a.url)
     except ValueError as e:  # said now, not after minutes of answering
         log(f"warning: {e}; the responses will still be generated and saved")
-    test = split(load_entries(cfg.data)[:cfg.limit or None])[1]  # train has checked the split
+    test = split(load_entries(cfg.data)[:cfg.limit or None])[1]
     responses = answer(model, test, load_tokenizer(), cfg.style, progress=True)
     path = os.path.join(a.out, RESPONSES + ".json")
     answered = [{**e, "model_response": r} for e, r in zip(test, responses)]
@@ -669,7 +657,9 @@ def eval_command(a):
         question, correct = judge_parts(e)
         log(f"\n{e.get('instruction', question)}\n\nCorrect response:\n>> {correct}\n\n"
             f"Model response:\n>> {e['model_response']}\n{'-' * 40}")
-    log(f"{len(test)} test responses -> {path}; {responses.count('')} of them empty")
+    log(
+
+f"{len(test)} test responses -> {path}; {responses.count('')} of them empty")
     try:
         judge_file(path, "model_response", a)
     except (ValueError, OSError) as e:  # the scores so far are kept: a rerun asks the rest
@@ -693,7 +683,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Instruction finetuning of GPT-2. See README.md.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="finetune a model into a run folder")
-    for f in fields(TrainConfig):  # one flag per field: --batch-size fills batch_size
+    for f in fields(TrainConfig):  # --batch-size fills batch_size
         text = f.metadata["help"]
         if f.default is not None and "default" not in text:
             text += f" (default {f.default})"
@@ -705,7 +695,7 @@ def main(argv=None):
     ju.add_argument("--key", default="model_response", help="the field holding the response")
     for p in (ev, ju):
         p.add_argument("--judge", default=judge.JUDGE, help="the model that scores (llama3)")
-        p.add_argument("--url", help="Ollama (default $OLLAMA_HOST, :11434), or an OpenAI .../v1")
+        p.add_argument("--url", help="the judge's server (default $OLLAMA_HOST, :11434), or .../v1")
         p.add_argument("--timeout", type=float, default=judge.TIMEOUT, help="seconds for one reply")
     ge = sub.add_parser("generate", help="answer instructions with a trained run, on stdout")
     ge.add_argument("instruction", nargs="?", help="the instruction (none: one per line of stdin)")
@@ -719,7 +709,8 @@ def main(argv=None):
         p.add_argument("--out", default="runs/gpt2-medium", help="a run folder written by train")
         p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     a = ap.parse_args(argv)
-    command = vars(a).pop("cmd")  # a keeps the command's own flags alone
+    command = vars(a).pop("cmd")  # a keeps the command's flags alone
+
     commands = {"train": lambda a: train(TrainConfig(**vars(a))), "eval": eval_command,
                 "generate": generate_command, "judge": lambda a: judge_file(a.file, a.key, a)}
     run_cli(commands[command], a)

@@ -143,23 +143,23 @@ def test_a_bad_conversation_is_one_error_naming_the_file_the_entry_and_what_is_w
     for path in (write_jsonl(tmp_path / "c.jsonl", entries), tmp_path / "c.json"):
         path.write_text(json.dumps(entries)) if path.suffix == ".json" else None
         with pytest.raises(ValueError, match=message) as err:
-            sft.read_entries(str(path))
+            sft.load_entries(str(path))
         assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
 
 
 def test_json_lines_of_either_kind_read_as_the_json_list_and_a_broken_line_is_named(tmp_path, capsys):
     alpaca = json.loads(DATA.read_text())[:5]
-    assert sft.read_entries(str(write_jsonl(tmp_path / "a.jsonl", alpaca))) == alpaca
+    assert sft.load_entries(str(write_jsonl(tmp_path / "a.jsonl", alpaca))) == alpaca
     path = write_jsonl(tmp_path / "c.jsonl", [CHAT] * 3)
     path.write_text(path.read_text().replace("\n", "\n\n", 1))  # a blank line is skipped
-    assert sft.read_entries(str(path)) == [CHAT] * 3
+    assert sft.load_entries(str(path)) == [CHAT] * 3
     path.write_text(path.read_text() + '{"messages": [\n')
     code, _, err = run(capsys, "train", "--model", "tiny", "--data", path, "--out", tmp_path / "run")
     assert code.startswith(f"error: {path}: cannot read JSON (") and ": line 5 column " in code  # the file's line
 
 
 def test_the_shipped_conversations_are_the_books_entries_after_two_turns_of_memory():
-    chats = sft.read_entries(str(SHIPPED))
+    chats = sft.load_entries(str(SHIPPED))
     book = json.loads(DATA.read_text())
     assert len(chats) == len(book) == 1100
     for chat, entry in zip(chats, book):
