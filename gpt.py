@@ -121,7 +121,7 @@ def add_lora(model: GPT, rank: int, alpha: float) -> GPT:
                 setattr(module, name, LoRALinear(child, rank, alpha))
     return model
 
-# ================ the tool: fast generation, NEFTune, checkpoints in and out; not the chapter
+# ================ the tool
 import ctypes, http.client, json, math, os, pathlib, re, sys, urllib.request
 from dataclasses import asdict, fields
 
@@ -181,7 +181,6 @@ def generate_batch(model: GPT, prompts, max_new_tokens: int, temperature=0.0, to
     cache = torch.empty(c.n_layer, 2, len(prompts), c.n_head, S, c.n_embd // c.n_head,
                         device=device, dtype=model.wte.weight.dtype)
     ends = torch.tensor(budgets, device=device)
-    # generate() runs the loop; the "model" it calls reads only the new tokens, with the cache
     def next_logits(idx):  # idx (B, P + new so far) -> (B, 1, vocab), as model(idx)[:, -1:]
         end = idx.shape[1]
         start = 0 if end == P else end - 1  # the prompts first, then one new token a pass
@@ -237,8 +236,8 @@ def read_safetensors(path) -> dict:
         reason = f"{type(e).__name__}: {e}"  # a KeyError's text is just the key
         raise ValueError(f"{path}: not a valid safetensors file ({reason})") from None
 
-def _atomic_write(path, write, check=lambda tmp: None):
-    """write(f) to a temp file, fsync, check(temp), rename over path: never a half file."""
+def _atomic_write(path, write):
+    """write(f) to a temp file, fsync, rename over path: never a half file."""
     root, extension = os.path.splitext(path)
     tmp = f"{root}.tmp{extension}"  # a fixed name: killed writes never pile up
     try:
@@ -246,7 +245,6 @@ def _atomic_write(path, write, check=lambda tmp: None):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        check(tmp)  # a download's check, before the file is in place
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a read-only folder
         raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
@@ -303,14 +301,14 @@ def download(url: str, dest: str, check, hint: str):
         total = response.headers.get("Content-Length")
         if total is not None and f.tell() != int(total):  # http.client ends a short body quietly
             raise ValueError(f"the download of {url} stopped at {f.tell()} of {total} bytes")
-    def check_download(tmp):
+        f.flush()  # check reads the file
         try:
-            check(tmp)
+            check(f.name)
         except ValueError as e:  # a proxy's login page, say
             raise ValueError(f"{url} sent something else than the file ({e}); {hint}") from None
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     with response:
-        _atomic_write(dest, copy_body, check_download)
+        _atomic_write(dest, copy_body)
 
 # transformers' GPT-2 options this model has one way: a checkpoint set otherwise is refused
 GPT2_ONLY = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
@@ -320,8 +318,7 @@ GPT2_ONLY = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
 def read_config(path) -> GPTConfig:
     """A checkpoint's config.json -> GPTConfig (the keys GPT-2 does not use are ignored)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = dict(json.load(f))
+        raw = dict(json.loads(pathlib.Path(path).read_text(encoding="utf-8")))
         config = GPTConfig(**{f.name: raw[f.name] for f in fields(GPTConfig) if f.name in raw})
     except (OSError, ValueError, TypeError) as e:  # TypeError: not a JSON object
         raise ValueError(f"{path}: not a readable GPT-2 config ({e})") from None
@@ -338,8 +335,7 @@ def load_state(path) -> dict:
         k = k.removeprefix("transformer.")  # transformers' save_pretrained adds it
         if k.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers
             continue
-        v = v.t() if k.endswith(CONV1D) else v
-        state[k] = v.float()  # F16 and BF16 load as F32; F32 stays memory-mapped
+        state[k] = (v.t() if k.endswith(CONV1D) else v).float()  # F32 stays memory-mapped
     head = state.pop("lm_head.weight", None)  # tied: a copy of wte
     if head is not None and not torch.equal(head, state.get("wte.weight")):
         raise ValueError(f"{path}: lm_head.weight differs from wte.weight; this GPT-2 ties them")
@@ -366,7 +362,6 @@ def from_pretrained(name: str) -> GPT:
             model = GPT(config)  # no memory yet: the file's tensors are assigned below
         model.load_state_dict(state, assign=True)  # names any missing, extra or misshapen one
     except (TypeError, RuntimeError) as e:  # sizes that build no GPT, tensors that do not fit
-
         raise ValueError(f"{folder}: not a GPT-2 checkpoint that loads ({e})") from None
     return model
 

@@ -21,20 +21,18 @@ def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat"):
     with urllib.request.urlopen(request) as response:
         return json.loads(response.read())["message"]["content"]
 
-# ================ the tool: the judge's server, failures in one line, the check, scores
+# ================ the tool
 import hashlib, http.client, json, os, re, sys, urllib.error, urllib.request
 CHECK_TIMEOUT = 10  # seconds: a server that is up lists its models at once
 
 def server(url=None) -> str:
-    """--url, else OLLAMA_HOST (host:port or a URL), else localhost:11434."""
     url = url or os.environ.get("OLLAMA_HOST") or "localhost:11434"
     if "://" not in url:
         url = "http://" + url
     return url.rstrip("/")
 
 def call(url: str, path: str, body, timeout: float):
-    """GET (POST with a body) the OpenAI API at url, Ollama's under its /v1 -> the JSON answered;
-    any failure one ValueError. OPENAI_API_KEY goes only to a url written with /v1."""
+    """GET (POST with a body) the OpenAI API at url (Ollama's: url/v1) -> its JSON or ValueError."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     key = os.environ.get("OPENAI_API_KEY")
@@ -66,8 +64,7 @@ def call(url: str, path: str, body, timeout: float):
         raise ValueError(f"{judge} sent a broken reply ({type(e).__name__})") from None
 
 def query(prompt: str, model=JUDGE, url=None, timeout=TIMEOUT) -> str:
-    """query_model for the tool: OpenAI's chat protocol (Ollama speaks it too), the book's options,
-    the reply capped at 512 tokens, a failure one line."""
+    """query_model for the tool: OpenAI's chat protocol (Ollama speaks it too)."""
     url = server(url)
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "temperature": 0, "seed": 123, "max_tokens": 512}
@@ -87,10 +84,9 @@ def preflight(model=JUDGE, url=None):
         names = [str(m["id"]) for m in call(url, "/models", None, CHECK_TIMEOUT)["data"]]
     except (TypeError, KeyError):
         raise ValueError(f"the judge at {url}: /models sent no list of models") from None
-    if model in names or f"{model}:latest" in names:  # Ollama's tag; llama3.1 is not llama3
-        return
-    raise ValueError(f"the judge at {url} has {', '.join(names) or 'none'}, not {model}: "
-                     f"`ollama pull {model}`, or pick one with --judge")
+    if model not in names and f"{model}:latest" not in names:  # Ollama's tag; no prefix match
+        raise ValueError(f"the judge at {url} has {', '.join(names) or 'none'}, not {model}: "
+                         f"`ollama pull {model}`, or pick one with --judge")
 
 NUMBER = r"(\d+(?:\.\d+)?)(?!\w|\s*(?:to|-|–)\s*\d)"  # 85, 8.5; not 1e3, nor the 0 of "0 to 100"
 OUT_OF = r"(?:\s*(?:/|out of)\s*(\d+))?"  # "/10", " out of 100": the scale the number is on
@@ -113,8 +109,7 @@ def parse_score(reply: str):
     return int(score) if score.is_integer() else score
 
 def score_all(prompts: list, journal: str, model=JUDGE, url=None, timeout=TIMEOUT) -> list:
-    """Each prompt's score (None: none stated), journaled with its reply as it comes: a rerun asks
-    only what is missing. A key is the judge and the prompt, which holds the response."""
+    """Each prompt's score (None: none stated), journaled as it comes: a rerun asks the rest."""
     keys = [hashlib.sha1(f"{model}\n{p}".encode()).hexdigest()[:16] for p in prompts]
     known = {}
     with open(journal, "a+", encoding="utf-8") as f:  # first: an unwritable folder fails at once
@@ -129,7 +124,7 @@ def score_all(prompts: list, journal: str, model=JUDGE, url=None, timeout=TIMEOU
         if lines and not lines.endswith("\n"):  # a kill mid-line: the next record starts anew
             f.write("\n")
         if any(key not in known for key in keys):
-            preflight(model, url)  # before the first question
+            preflight(model, url)
         try:
             for i, (key, prompt) in enumerate(zip(keys, prompts)):
                 if key not in known:

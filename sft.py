@@ -149,11 +149,11 @@ def respond(model, test_data, tokenizer, device, style="alpaca", max_new_tokens=
         answers.append(generated_text[len(input_text):].replace(marker, "").strip())
     return answers
 
-# ================ the tool: what runs the job for real and fails well, none of it the chapter
-import argparse, copy, json, math, os, shutil, sys, tempfile, time
+# ================ the tool: what runs the job for real and fails well
+import argparse, copy, json, math, os, pathlib, shutil, sys, tempfile, time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 import gpt
 import judge
 import tiktoken
@@ -185,6 +185,7 @@ class TrainConfig:
     schedule: str = flag("constant", "the learning rate after warmup: constant or cosine (to 0)")
     max_grad_norm: float = flag(0.0, "clip the gradients' global norm to this (default 0: off)")
     max_length: int = flag(1024, "cut rows to this many tokens (and to the model's context)")
+    group_by_length: bool = flag(False, "batches of rows of like length: less padding")
     lora_rank: int = flag(0, "LoRA: train rank-r adapters only (exercise 7.4; default 0: off)")
     lora_alpha: float = flag(16.0, "LoRA scale numerator: updates are (alpha / rank) * B A")
     neftune_alpha: float = flag(0.0, "NEFTune: embedding noise alpha / sqrt(L * d) (0: off)")
@@ -242,8 +243,7 @@ def problem(entry, chat: bool):
 def load_entries(path: str = DATA) -> list:
     """A JSON list or JSON Lines of Alpaca entries or of conversations; a bad entry is named."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = pathlib.Path(path).read_text(encoding="utf-8")
         if text.lstrip().startswith("{"):  # JSON Lines as one list: errors name the file's lines
             lines = [line + "," if line.strip() else line for line in text.splitlines()]
             text = "[" + "\n".join(lines).rstrip().removesuffix(",") + "]"
@@ -259,9 +259,7 @@ def load_entries(path: str = DATA) -> list:
             raise ValueError(f"{path}: entry {i}: {wrong}")
     return data
 
-
 def load_tokenizer():
-    """tiktoken's gpt2 encoding: the BPE files in data/, or in TIKTOKEN_CACHE_DIR."""
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", gpt.TIKTOKEN_CACHE)
     return tiktoken.get_encoding("gpt2")
 
@@ -276,7 +274,7 @@ def chat_row(messages, enc, mask_prompt=False):
         text += TURNS[m["role"]].format(m["content"])
         if m["role"] == "assistant":
             tokens = enc.encode_ordinary(text)
-            start = len(text) - len(m["content"])  # where the answer begins
+            start = len(text) - len(m["content"])
             ids += tokens + [gpt.EOT]
             is_answer += [at >= start for at in enc.decode_with_offsets(tokens)[1]] + [True]
             text = ""
@@ -295,6 +293,28 @@ def collate_turns(batch, allowed_max_length=None):
 def row_length(item) -> int:
     """The token count of a row: ids, or (prompt length or is_answer, ids)."""
     return len(item[1] if isinstance(item, tuple) else item)
+
+class GroupedBatches(torch.utils.data.BatchSampler):
+    """--group-by-length, as transformers' Trainer: the shuffled rows in pools of 50 batches, each
+    sorted by length and cut into batches; the batches shuffled, the longest row's first."""
+    def __iter__(self):
+        size = self.batch_size
+        rows = list(self.sampler)[:len(self) * size]  # shuffled; drop_last drops as before
+        length = [row_length(item) for item in self.sampler.data_source]
+        batches = []
+        for k in range(0, len(rows), 50 * size):
+            pool = sorted(rows[k:k + 50 * size], key=length.__getitem__)
+            batches += [pool[j:j + size] for j in range(0, len(pool), size)]
+        order = torch.randperm(len(batches), generator=self.sampler.generator).tolist()
+        batches = [batches[i] for i in order]
+        longest = max(batches, key=lambda batch: max(length[i] for i in batch))
+        batches.remove(longest)  # first: a run too big for the machine fails at its first step
+        return iter([longest, *batches])
+
+def real_share(batches, lengths) -> float:
+    """The share of the batches' tokens that are rows', not padding (each padded to its longest)."""
+    real = sum(lengths[i] for batch in batches for i in batch)
+    return real / sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
 
 # ---------------- devices and the model
 def pick_device(name: str) -> torch.device:
@@ -317,7 +337,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 def native_bf16(device: torch.device) -> bool:
-    """Does the device compute in bf16 natively? Emulated bf16 is slower than fp32."""
+    """Does the device compute bf16 natively? (Emulated bf16 is slower than fp32.)"""
     if device.type == "cuda":  # Ampere (8.0) on; a T4 is 7.5
         return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":  # Zen 4, Sapphire Rapids on
@@ -325,14 +345,12 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 def load_model(name: str, seed: int = 0) -> gpt.GPT:
-    """tiny: a random small GPT-2; anything else: from_pretrained."""
     torch.manual_seed(seed)
     if name == "tiny":
         return gpt.GPT(gpt.GPTConfig(n_embd=128, n_layer=4, n_head=4))
     return gpt.from_pretrained(name)
 
 def prepare_data(cfg, model, enc):
-    """The training and validation rows, the validation entries and the collate function."""
     entries = load_entries(cfg.data)[:cfg.limit or None]
     train_e, test_e, val_e = split(entries)
     if not (train_e and val_e and test_e):
@@ -458,10 +476,8 @@ def loss_and_backward(model, micro_batches, device, bf16=False) -> tuple:
     return summed, sum(counts)
 
 def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, after_epoch):
-    """The tool's train_model_simple: accumulation, appendix D's schedule and clipping, a
-    report's train loss its own steps'; after_epoch(epoch, reports)."""
+    """The tool's train_model_simple: accumulation, appendix D's schedule, clipping, after_epoch."""
     steps_per_epoch = len(train_loader) // cfg.grad_accum
-    params = [p for p in model.parameters() if p.requires_grad]
     reports = []
     window = []  # (summed loss, target count) of each step since the last report
     tokens_seen = 0
@@ -478,7 +494,7 @@ def fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, afte
             optimizer.zero_grad()
             window.append(loss_and_backward(model, micro_batches, device, cfg.precision == "bf16"))
             # the global norm before clipping; clipping to inf leaves the gradients as they are
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
             optimizer.step()
             tokens_seen += sum(inputs.numel() for inputs, _ in micro_batches)
             if step % cfg.eval_every == 0:
@@ -516,10 +532,19 @@ def train(cfg: TrainConfig):
     log(f"model: {cfg.model} on {device} in {cfg.precision}, {trainable:,} trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True,
-                              generator=shuffle, collate_fn=collate_fn)
+    rows = RandomSampler(train_set, generator=shuffle)  # each epoch a new order, --seed's
+    batching = GroupedBatches if cfg.group_by_length else BatchSampler
+    batches = batching(rows, cfg.batch_size, drop_last=True)
+    train_loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate_fn)
     val_loader = DataLoader(val_set, cfg.batch_size, collate_fn=collate_fn)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
+    state = shuffle.get_state()  # the run's batches drawn ahead, then again as it trains
+    planned = [b for _ in range(cfg.epochs) for b in [*batches][:steps_per_epoch * cfg.grad_accum]]
+    shuffle.set_state(state)
+    share = real_share(planned, [min(row_length(item), cfg.max_length) for item in train_set])
+    log(f"batches: {share:.1%} of their tokens are the rows', the rest padding")
+    if share < 0.9 and not cfg.group_by_length:
+        log("hint: --group-by-length batches rows of like length, for less padding")
     eval_iter = math.ceil(8 / cfg.batch_size)  # the curve: the first 8 rows or more
     curve_rows = min(eval_iter * cfg.batch_size, len(val_set))
     log(f"training: lr {cfg.lr:g}, effective batch {cfg.batch_size * cfg.grad_accum} "
@@ -542,7 +567,6 @@ def train(cfg: TrainConfig):
         if not saved:
             kept = f"no epoch of this run finished; {cfg.out} holds what it held before"
         raise KeyboardInterrupt(kept) from None
-
 
 def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=False,
            **sampling) -> list:
@@ -567,10 +591,8 @@ def answer(model, entries, enc, style="alpaca", max_new_tokens=256, progress=Fal
 
 # ---------------- the commands and the command line
 def load_run(out: str, device: str):
-    """The trained model and the settings of a run folder written by train."""
     try:  # no run there, or a hand-edited run.json: one line, whatever is wrong
-        with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
-            settings = json.load(f)
+        settings = json.loads(pathlib.Path(out, "run.json").read_text(encoding="utf-8"))
         for key in ("epochs_done", "val_loss", "val_rows"):  # train's, not settings
             settings.pop(key, None)
         cfg = TrainConfig(**settings)
@@ -580,8 +602,7 @@ def load_run(out: str, device: str):
     return model.to(pick_device(device)), cfg
 
 def generate_command(a):
-    """generate: answers on stdout, to the instruction or to each line of stdin; a run trained on
-    conversations remembers: each line is the user's next turn."""
+    """generate: answers on stdout to the instruction, or each stdin line (a chat's next turn)."""
     if a.temperature < 0 or (a.top_k is not None and a.top_k < 1):
         raise ValueError("--temperature must be 0 or more, and --top-k 1 or more")
     model, cfg = load_run(a.out, a.device)
@@ -599,7 +620,7 @@ def generate_command(a):
     room = model.config.n_positions - a.max_new_tokens  # the prompt's share of the context
     for line in sys.stdin if from_stdin else [a.instruction]:
         entry = {"instruction": line.rstrip("\n"), "input": a.input}
-        if chat:  # the history so far, the line, and the answer's marker
+        if chat:
             history.append({"role": "user", "content": line.rstrip("\n")})
             while len(history) > 1 and len(chat_row(system + history + [OPEN_TURN], enc)) > room:
                 if not told:
@@ -616,8 +637,7 @@ def generate_command(a):
         print(answer_text, flush=True)
 
 def judge_parts(entry) -> tuple:
-    """The judge's input and correct output: the book's, or a conversation's turns before its
-    last, as the template writes them, and its last."""
+    """The judge's input and correct output: the book's, or a conversation's turns and last one."""
     if "messages" not in entry:
         return format_input(entry), entry["output"]
     *before, last = entry["messages"]
@@ -657,9 +677,7 @@ def eval_command(a):
         question, correct = judge_parts(e)
         log(f"\n{e.get('instruction', question)}\n\nCorrect response:\n>> {correct}\n\n"
             f"Model response:\n>> {e['model_response']}\n{'-' * 40}")
-    log(
-
-f"{len(test)} test responses -> {path}; {responses.count('')} of them empty")
+    log(f"{len(test)} test responses -> {path}; {responses.count('')} of them empty")
     try:
         judge_file(path, "model_response", a)
     except (ValueError, OSError) as e:  # the scores so far are kept: a rerun asks the rest
@@ -683,7 +701,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Instruction finetuning of GPT-2. See README.md.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="finetune a model into a run folder")
-    for f in fields(TrainConfig):  # --batch-size fills batch_size
+    for f in fields(TrainConfig):
         text = f.metadata["help"]
         if f.default is not None and "default" not in text:
             text += f" (default {f.default})"
@@ -710,7 +728,6 @@ def main(argv=None):
         p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     a = ap.parse_args(argv)
     command = vars(a).pop("cmd")  # a keeps the command's flags alone
-
     commands = {"train": lambda a: train(TrainConfig(**vars(a))), "eval": eval_command,
                 "generate": generate_command, "judge": lambda a: judge_file(a.file, a.key, a)}
     run_cli(commands[command], a)
