@@ -1,7 +1,8 @@
 """make bench: speed figures for this machine, each a ratio measured in the same run (not a test; not collected).
 
 training MFU, bf16 autocast against fp32 (in alternating rounds), the tool's training loop and generation against
-the book's, checkpoint load RSS, and the share of `train` spent outside optimizer steps. Runs in a few minutes on 2
+the book's, checkpoint load RSS, the share of `train` spent outside optimizer steps, and --group-by-length against
+the shuffled batches (real tokens, seconds per epoch in alternating rounds, validation loss). Runs in a few minutes on 2
 CPU cores, offline."""
 import contextlib, io, json, math, os, subprocess, sys, tempfile, time
 from functools import partial
@@ -10,10 +11,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = str(ROOT / "data" / "instruction-data.json")
+CONVERSATIONS = str(ROOT / "data" / "conversations.jsonl")
 
 import gpt, sft  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler  # noqa: E402
 
 ROWS = []
 
@@ -57,14 +59,12 @@ def training_run(batches, bf16):
     """forward + backward + fused AdamW, as sft.train runs them, over batches from small()'s seeded weights, in fp32
     or under bf16 autocast: (tokens, seconds, model FLOPs) of all steps but the first, which warms up."""
     model, dev = small(), torch.device("cpu")
-    if bf16:
-        sft.autocast_training(model, dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)  # as sft.train
     done, flops, t0 = 0, 0, None
     for i, (x, y) in enumerate(batches):
         if i == 1:
             t0 = time.perf_counter()  # the first step warms up
-        sft.loss_and_backward(model, [(x, y)], dev)
+        sft.loss_and_backward(model, [(x, y)], dev, bf16)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i:
@@ -191,8 +191,9 @@ def bench_loading(tmp):
     row("load gpt2-medium shape: peak RSS / file", f"{peak / size:.2f}", f"{(peak - base) / size:.2f} above the interpreter's own")
 
 
-def bench_train_command(tmp, model, label, **kw):
-    """Whole `train` wall time against the time inside optimizer steps (backward() + AdamW.step)."""
+@contextlib.contextmanager
+def step_seconds():
+    """Yields a list whose one number grows by the time spent inside optimizer steps (backward() + AdamW.step)."""
     inside = [0.0]
     backward, step = sft.loss_and_backward, torch.optim.AdamW.step
     def timed(fn):
@@ -205,12 +206,58 @@ def bench_train_command(tmp, model, label, **kw):
         return wrapper
     sft.loss_and_backward, torch.optim.AdamW.step = timed(backward), timed(step)
     try:
+        yield inside
+    finally:
+        sft.loss_and_backward, torch.optim.AdamW.step = backward, step
+
+
+def bench_train_command(tmp, model, label, **kw):
+    """Whole `train` wall time against the time inside optimizer steps (backward() + AdamW.step)."""
+    with step_seconds() as inside:
         t0 = time.perf_counter()
         sft.train(sft.TrainConfig(model=model, data=DATA, out=str(tmp / "run"), **kw))  # in the default precision
         total = time.perf_counter() - t0
-    finally:
-        sft.loss_and_backward, torch.optim.AdamW.step = backward, step
     row(f"train {label}: share outside optimizer steps", f"{1 - inside[0] / total:.1%}", f"{total:.0f}s in all")
+
+
+def real_shares(data):
+    """The share of real (not padding) tokens in one epoch's training batches as `train` draws them (seed 123, batch
+    8), shuffled and grouped by length, on all of a data file's training rows."""
+    cfg = sft.TrainConfig(model="tiny", data=data)
+    with contextlib.redirect_stderr(io.StringIO()):
+        train_set = sft.prepare_data(cfg, sft.load_model("tiny"), sft.load_tokenizer())[0]
+    lengths = [min(sft.row_length(item), cfg.max_length) for item in train_set]
+    shares = {}
+    for grouped in (False, True):
+        rows = RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.seed))
+        batching = sft.GroupedBatches if grouped else BatchSampler
+        shares[grouped] = sft.real_share(list(batching(rows, cfg.batch_size, drop_last=True)), lengths)
+    return shares
+
+
+def bench_grouping(tmp, name, data, rounds=2, epochs=3, limit=400):
+    """--group-by-length against the shuffled batches: the real-token share (all rows), then `train` of the tiny model
+    on the first `limit` entries in alternating rounds (shuffled, grouped, shuffled, ...; the same seed, so the same
+    starting weights): seconds per epoch inside optimizer steps, and the validation loss after the last epoch."""
+    shares = real_shares(data)
+    seconds = {False: [], True: []}
+    losses = {}
+    for _ in range(rounds):
+        for grouped in (False, True):
+            out = tmp / f"grouped-{grouped}"
+            cfg = sft.TrainConfig(model="tiny", data=data, limit=limit, epochs=epochs, out=str(out),
+                                  group_by_length=grouped, eval_every=1000)
+            with contextlib.redirect_stderr(io.StringIO()), step_seconds() as inside:
+                sft.train(cfg)
+            seconds[grouped].append(inside[0] / epochs)
+            losses[grouped] = json.loads((out / "run.json").read_text())["val_loss"]
+    for grouped, label in ((False, "shuffled"), (True, "grouped by length")):
+        row(f"{name}, {label}: real tokens", f"{shares[grouped]:.1%}", "of one epoch's batch elements, all rows")
+        row(f"{name}, {label}: s/epoch (tiny)", f"{sum(seconds[grouped]) / rounds:.1f}",
+            f"{limit} entries, rounds: {' '.join(f'{s:.1f}' for s in seconds[grouped])}")
+        row(f"{name}, {label}: validation loss", f"{losses[grouped]:.3f}", f"tiny, after {epochs} epochs")
+    row(f"{name}: grouping speed-up", f"{sum(seconds[False]) / sum(seconds[True]):.2f}x",
+        f"shuffled seconds / grouped seconds, {rounds} alternating rounds each")
 
 
 if __name__ == "__main__":
@@ -230,3 +277,5 @@ if __name__ == "__main__":
         bench_train_command(tmp, "tiny", "tiny (book data, 2 epochs)")
         gpt.save_pretrained(small(), tmp / "small4")
         bench_train_command(tmp, str(tmp / "small4"), "768x4 (200 entries, 1 epoch)", limit=200, epochs=1)
+        bench_grouping(tmp, "book data", DATA)
+        bench_grouping(tmp, "conversations", CONVERSATIONS)

@@ -1,6 +1,6 @@
 """Conversations: JSON Lines and {"messages": [...]} files, the chat template, targets on the assistant's turns only
 (proven as properties over random conversations), answers at the last turn, the judge's parts, a chat that remembers."""
-import io, json, sys
+import io, itertools, json, re, sys
 from pathlib import Path
 
 import pytest
@@ -38,29 +38,37 @@ def ids_of(text) -> list:
 
 
 def answer_spans(messages) -> list:
-    """The character spans of each assistant turn's content and its end-of-text, in rendered()'s text."""
+    """The byte spans of each assistant turn's content and its end-of-text, in rendered()'s text as UTF-8."""
     spans = []
     at = 0
     for m in messages:
         if m["role"] == "assistant":
-            spans.append((at + len("<|assistant|>:\n"), at + len(piece(m))))
-        at += len(piece(m))
+            spans.append((at + len(b"<|assistant|>:\n"), at + len(piece(m).encode())))
+        at += len(piece(m).encode())
     return spans
 
 
-# contents that start with no whitespace, so no token reaches from a turn marker into them (ASCII: a token's first
-# character is where a decoded prefix ends)
-CONTENT = st.text(alphabet="abxyz .,!?<|>:\n", max_size=10).filter(lambda s: not s[:1].isspace())
+def token_starts(ids) -> list:
+    """Where each token's first byte is in the ids' text as UTF-8 (a token may begin inside a character)."""
+    return list(itertools.accumulate((len(ENC.decode_single_token_bytes(t)) for t in ids), initial=0))[:-1]
+
+
+# contents: the template's own characters, leading and trailing whitespace (spaces, newlines, tabs), and multi-byte
+# characters that BPE splits across tokens (accents, a combining accent, CJK, emoji and a skin tone); they never
+# spell <|endoftext|>, so ids_of() reads them as the template does
+BODY = st.text(alphabet="abxyz .,!?<|>:\n\u00e9\u00fc\u0301\u4e2d\u6587\U0001F600\U0001F44D\U0001F3FD", max_size=8)
+SPACE = st.sampled_from(["", " ", "  ", "\n", "\n\n", " \n", "\n ", "\t"])
+CONTENT = st.builds(lambda lead, body, trail: lead + body + trail, SPACE, BODY, SPACE)
 
 
 @st.composite
-def conversations(draw):
+def conversations(draw, content=CONTENT):
     """An optional system message first, then user and assistant turns in any order, the last one an assistant's."""
     messages = []
     if draw(st.booleans()):
-        messages.append({"role": "system", "content": draw(CONTENT)})
+        messages.append({"role": "system", "content": draw(content)})
     roles = draw(st.lists(st.sampled_from(["user", "assistant"]), max_size=5)) + ["assistant"]
-    return messages + [{"role": role, "content": draw(CONTENT)} for role in roles]
+    return messages + [{"role": role, "content": draw(content)} for role in roles]
 
 
 def collate(conversations_, mask_prompt, max_length=None):
@@ -80,15 +88,23 @@ def test_a_conversation_is_the_template_written_out_with_50256_ending_each_assis
 def test_with_mask_prompt_the_targets_are_exactly_the_assistants_tokens_and_end_of_texts_unless_cut(messages, cut):
     inputs, targets = collate([messages], mask_prompt=True, max_length=cut)
     ids = ids_of(rendered(messages))
-    starts = [len(ENC.decode(ids[:j])) for j in range(len(ids))]
+    starts = token_starts(ids)
     spans = answer_spans(messages)
-    assistants = {j for j in range(1, len(ids)) if any(a <= starts[j] < b for a, b in spans)}
+    assistants = {j for j in range(1, len(ids)) if any(a <= starts[j] < b for a, b in spans)}  # begins in an answer
     expected = {j - 1 for j in assistants} | {len(ids) - 1}  # position j - 1 predicts token j; the last, 50256
     kept = {j for j in range(targets.shape[1]) if targets[0, j] != -100}
     assert kept == {j for j in expected if j < targets.shape[1]}  # (a) and (b): nothing else, and all unless cut
     for j in kept:
         assert targets[0, j] == (ids + [EOT])[j + 1]
     assert inputs[0].tolist() == ids[:targets.shape[1]]
+    if cut is None:  # the targets, as text, are each answer and its end-of-text, but for one newline:
+        learned = b"".join(ENC.decode_single_token_bytes(targets[0, j].item()) for j in sorted(kept))
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        # an answer that opens with a newline followed by whitespace or by its end: GPT-2's pre-tokenizer makes the
+        # marker's newline and that one a single token, "\n\n" (628), which begins in the marker, so is no target
+        # (a marker is never one): the answer's first newline is never learned; no other character is lost
+        answers = [a[1:] if re.match(r"\n(\s|$)", a) else a for a in answers]
+        assert learned == "".join(a + EOT_TEXT for a in answers).encode()
 
 
 @given(conversations(), st.one_of(st.none(), st.integers(1, 60)))
@@ -115,6 +131,33 @@ def test_a_one_turn_conversation_is_the_phi3_row_of_exercise_7_1(instruction, ou
     phi3 = sft.InstructionDataset([{"instruction": instruction, "output": output}], ENC, style="phi3")
     assert sft.chat_row(messages, ENC) == phi3[0]  # (e): the same ids, and so the same targets
     assert all(torch.equal(a, b) for a, b in zip(collate([messages], False), sft.custom_collate_fn([phi3[0]])))
+
+
+def test_a_written_endoftext_in_a_message_stays_text_only_the_templates_turn_ends_are_50256():
+    messages = [{"role": "system", "content": f"Say {EOT_TEXT} freely."}, {"role": "user", "content": EOT_TEXT},
+                {"role": "assistant", "content": f"{EOT_TEXT}Done{EOT_TEXT}"}, {"role": "user", "content": "More?"},
+                {"role": "assistant", "content": EOT_TEXT}]
+    ids = sft.chat_row(messages, ENC)
+    assert ids.count(EOT) == 1 and ids.index(EOT) == len(ENC.encode_ordinary(rendered(messages[:3])))  # turn 1's end
+    assert ENC.decode(ids) == rendered(messages)  # the written ones are there, as the characters < | e n d ...
+    _, targets = collate([messages], mask_prompt=True)
+    assert (targets == EOT).sum() == 2  # each assistant turn's end, the last one collate's
+
+
+# contents that write <|endoftext|>, whole or in parts, among other text
+WRITTEN_EOT = st.lists(st.sampled_from([EOT_TEXT, EOT_TEXT, "<|", "endoftext", "|>", "a", " ", "\n"]),
+                       max_size=4).map("".join)
+
+
+@given(conversations(WRITTEN_EOT))
+def test_50256_is_only_the_end_of_each_assistant_turn_however_often_the_messages_write_endoftext(messages):
+    turns = sum(m["role"] == "assistant" for m in messages)
+    ids = sft.chat_row(messages, ENC)
+    assert ids.count(EOT) == turns - 1  # the last turn's is collate's
+    assert ENC.decode(ids) == rendered(messages)
+    _, targets = collate([messages], mask_prompt=True)
+    assert (targets[0] == EOT).sum() == turns
+    assert (collate([messages], mask_prompt=False)[1][0] == EOT).sum() == turns
 
 
 # ---------------- files
@@ -261,6 +304,36 @@ def test_a_long_chat_drops_its_oldest_whole_turns_keeps_the_system_message_and_s
         assert prompt.startswith("<|system|>\nBe brief.\n<|user|>\n")  # a whole user turn follows the system
         assert prompt.endswith(f"<|user|>\n{line}\n<|assistant|>:\n") and len(ENC.encode_ordinary(prompt)) <= 96 - 40
     assert "Line 5." not in prompts[-1] and "Line 6." in prompts[-1]
+
+
+def test_a_long_chat_keeps_the_last_whole_turns_that_fit_so_after_the_system_message_it_opens_with_a_user_turn(
+        chat_run, monkeypatch, capsys):
+    lines = ["Tell me about the weather in Paris today, please.", "And in Rome?",
+             "What about the sea near Naples in summer, then?", "Thanks."] * 2  # long lines, short answers ("Sure.")
+    seen = []  # the messages of each answer's prompt, as generate gives them
+    real_answer = sft.answer
+    def answer(model, entries, enc, *args, **kw):
+        seen.extend(e["messages"] for e in entries)
+        return real_answer(model, entries, enc, *args, **kw)
+    monkeypatch.setattr(sft, "answer", answer)
+    room = 96 - 24  # the context less --max-new-tokens
+    prompts, err = chat(monkeypatch, capsys, chat_run, lines, "--system", "Be brief.", "--max-new-tokens", 24)
+    assert len(seen) == len(prompts) == len(lines)
+    system = [{"role": "system", "content": "Be brief."}]
+    turns = []  # the conversation's whole turns so far: a user's line, then its answer
+    kept = []
+    for line, messages, prompt in zip(lines, seen, prompts):
+        last = lambda k: [m for turn in turns[len(turns) - k:] for m in turn]  # the last k whole turns
+        fits = [k for k in range(len(turns) + 1)
+                if len(sft.chat_row(system + last(k) + [{"role": "user", "content": line}, sft.OPEN_TURN], ENC)) <= room]
+        k = max(fits, default=0)  # as many of the latest whole turns as fit, at least none
+        assert messages == system + last(k) + [{"role": "user", "content": line}, sft.OPEN_TURN]
+        assert [m["role"] for m in messages[1:-1]] == ["user", "assistant"] * k + ["user"]  # user first, alternating
+        assert prompt == rendered(messages)
+        kept.append(k)
+        turns.append([{"role": "user", "content": line}, {"role": "assistant", "content": "Sure."}])
+    assert err.count("the conversation outgrew the context") == 1
+    assert any(0 < k < n for n, k in enumerate(kept))  # some turns went, and some stayed
 
 
 def test_system_is_refused_on_an_alpaca_run_input_on_a_chat_run_and_chat_style_on_alpaca_data(tmp_path, capsys,
