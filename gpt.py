@@ -226,7 +226,9 @@ def read_safetensors(path) -> dict:
             begin, end = info["data_offsets"]
             nbytes = math.prod(shape) * dtype.itemsize
             if not (0 <= begin <= end <= len(data) and end - begin == nbytes):
-                raise ValueError(f"tensor {name}: bytes {begin} to {end} cannot hold {dtype} {shape}")
+                wrong = f"bytes {begin} to {end} cannot hold {dtype} {shape}"
+                raise ValueError(f"tensor {name}: {wrong}")
+
             t = data[begin:end]
             if t.storage_offset() % dtype.itemsize:  # a view must start at a multiple of it
                 t = t.clone()

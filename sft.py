@@ -30,22 +30,22 @@ def split(data) -> tuple:
 class InstructionDataset(Dataset):
     """The book's dataset: each entry's prompt, marker and output as token ids (a written
     <|endoftext|> stays text). mask_prompt: items are (instruction_length, ids), exercise 7.2."""
-    def __init__(self, data, tokenizer, style="alpaca", mask_prompt=False):
+    def __init__(self, data, tokenizer, style="alpaca", mask_prompt=False):  # 7.1, 7.2
         self.data = data
-        self.mask_prompt = mask_prompt
+        self.mask_prompt = mask_prompt  # 7.2
         self.encoded_texts = []
-        self.instruction_lengths = []  # the prompt's token count, no marker (exercise 7.2)
-        phi3 = style == "phi3"  # exercise 7.1
+        self.instruction_lengths = []  # 7.2: the prompt's token count, no marker
+        phi3 = style == "phi3"  # 7.1
         for entry in data:
-            instruction_plus_input = format_input_phi(entry) if phi3 else format_input(entry)
-            marker = "\n<|assistant|>:\n" if phi3 else "\n\n### Response:\n"
+            instruction_plus_input = format_input_phi(entry) if phi3 else format_input(entry)  # 7.1
+            marker = "\n<|assistant|>:\n" if phi3 else "\n\n### Response:\n"  # 7.1
             full_text = instruction_plus_input + marker + entry["output"]
             self.encoded_texts.append(tokenizer.encode_ordinary(full_text))
-            self.instruction_lengths.append(len(tokenizer.encode_ordinary(instruction_plus_input)))
+            self.instruction_lengths.append(len(tokenizer.encode_ordinary(instruction_plus_input)))  # 7.2
 
     def __getitem__(self, index):
-        if self.mask_prompt:
-            return self.instruction_lengths[index], self.encoded_texts[index]
+        if self.mask_prompt:  # 7.2
+            return self.instruction_lengths[index], self.encoded_texts[index]  # 7.2
         return self.encoded_texts[index]
 
     def __len__(self):
@@ -58,7 +58,7 @@ def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_
     rows [0..4], [5, 6], [7, 8, 9] with E = 50256 and _ = -100, gives
     inputs  [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]] and
     targets [[1, 2, 3, 4, E], [6, E, _, _, _], [8, 9, E, _, _]]. Masks go by position, not value."""
-    rows = [item[1] if isinstance(item, tuple) else item for item in batch]  # the id lists
+    rows = [item[1] if isinstance(item, tuple) else item for item in batch]  # 7.2
     T = max(len(ids) for ids in rows)
     inputs = torch.full((len(rows), T), pad_token_id)
     # all -100 at first: the book's "every padding token but the first becomes -100" is done by
@@ -69,8 +69,8 @@ def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_
         inputs[i, :n] = torch.tensor(ids)
         targets[i, :n - 1] = inputs[i, 1:n]  # position j predicts token j + 1
         targets[i, n - 1] = pad_token_id  # the one end-of-text to emit, so the model learns to stop
-        if isinstance(batch[i], tuple):  # exercise 7.2: no loss on the instruction's tokens
-            targets[i, :batch[i][0] - 1] = ignore_index
+        if isinstance(batch[i], tuple):  # 7.2: no loss on the instruction's tokens
+            targets[i, :batch[i][0] - 1] = ignore_index  # 7.2
     inputs = inputs[:, :allowed_max_length]
     targets = targets[:, :allowed_max_length]
     return inputs.to(device), targets.to(device)
@@ -134,15 +134,16 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
     return train_losses, val_losses, track_tokens_seen
 
 # ---------------- answers (7.7)
-def respond(model, test_data, tokenizer, device, style="alpaca", max_new_tokens=256) -> list:
+def respond(model, test_data, tokenizer, device, style="alpaca", max_new_tokens=256) -> list:  # 7.1
     """The book's loop over test_data: each greedy answer, the text after the prompt and marker."""
     model.eval()
     context_size = model.pos_emb.weight.shape[0]
     answers = []
-    phi3 = style == "phi3"  # exercise 7.1
+    phi3 = style == "phi3"  # 7.1
     for entry in test_data:
-        input_text = format_input_phi(entry) if phi3 else format_input(entry)
-        marker = "<|assistant|>:" if phi3 else "### Response:"
+        input_text = format_input_phi(entry) if phi3 else format_input(entry)  # 7.1
+        marker = "<|assistant|>:" if phi3 else "### Response:"  # 7.1
+
         idx = torch.tensor([tokenizer.encode_ordinary(input_text)], device=device)
         token_ids = generate(model, idx, max_new_tokens, context_size, eos_id=50256)
         generated_text = tokenizer.decode(token_ids[0].tolist())
@@ -249,7 +250,8 @@ def load_entries(path: str = DATA) -> list:
             text = "[" + "\n".join(lines).rstrip().removesuffix(",") + "]"
         data = json.loads(text)
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8
-        raise ValueError(f"{path}: cannot read JSON ({getattr(e, 'strerror', None) or e})") from None
+        raise ValueError(f"{path}: cannot read JSON ({getattr(e, 'strerror', '') or e})") from None
+
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of entries, found a {type(data).__name__}")
     chat = bool(data) and isinstance(data[0], dict) and "messages" in data[0]
