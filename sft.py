@@ -251,7 +251,6 @@ def load_entries(path: str = DATA) -> list:
         data = json.loads(text)
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8
         raise ValueError(f"{path}: cannot read JSON ({getattr(e, 'strerror', '') or e})") from None
-
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of entries, found a {type(data).__name__}")
     chat = bool(data) and isinstance(data[0], dict) and "messages" in data[0]
