@@ -143,7 +143,6 @@ def respond(model, test_data, tokenizer, device, style="alpaca", max_new_tokens=
     for entry in test_data:
         input_text = format_input_phi(entry) if phi3 else format_input(entry)  # 7.1
         marker = "<|assistant|>:" if phi3 else "### Response:"  # 7.1
-
         idx = torch.tensor([tokenizer.encode_ordinary(input_text)], device=device)
         token_ids = generate(model, idx, max_new_tokens, context_size, eos_id=50256)
         generated_text = tokenizer.decode(token_ids[0].tolist())
