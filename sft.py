@@ -294,7 +294,7 @@ def row_length(item) -> int:
     """The token count of a row: ids, or (prompt length or is_answer, ids)."""
     return len(item[1] if isinstance(item, tuple) else item)
 
-class GroupedBatches(torch.utils.data.BatchSampler):
+class GroupedBatches(BatchSampler):
     """--group-by-length, as transformers' Trainer: the shuffled rows in pools of 50 batches, each
     sorted by length and cut into batches; the batches shuffled, the longest row's first."""
     def __iter__(self):
