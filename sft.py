@@ -202,7 +202,7 @@ class TrainConfig:
             self.out = os.path.join("runs", os.path.basename(self.model.rstrip("/")))
         for f in fields(self):  # numbers are positive; those that switch a thing off may be 0
             value = getattr(self, f.name)
-            may_be_zero = f.default == 0 or f.name == "weight_decay"
+            may_be_zero = f.default == 0 or f.name in ("weight_decay", "seed")
             if f.type in (int, float) and not (0 < value < math.inf or (may_be_zero and value == 0)):
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a positive number, not {value}")
         for name, allowed in (("style", STYLES), ("schedule", ("constant", "cosine")),
@@ -558,7 +558,7 @@ def train(cfg: TrainConfig):
         metrics = [{**r, "val_rows": curve_rows} for r in reports]
         done = {"epochs_done": epoch, "val_loss": val_loss, "val_rows": len(val_set)}
         save_run(model, cfg, metrics, steps_per_epoch, done)
-        saved.append(val_loss)
+        saved.append(epoch)
         log(f"epoch {epoch}: validation loss {val_loss:.3f} on all {len(val_set)} rows; saved")
     try:
         fit(model, optimizer, train_loader, val_loader, device, cfg, eval_iter, save)

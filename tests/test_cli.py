@@ -136,6 +136,7 @@ ERRORS = {
     "too few entries": (["train", "--model", "tiny", "--data", "{data}", "--limit", "9"], "too few to split"),
     "unknown local model": (["train", "--model", "./no/such/model", "--data", "{data}"], "no such folder"),
     "negative epochs": (["train", "--model", "tiny", "--data", "{data}", "--epochs", "-1"], "--epochs must be a positive number"),
+    "negative seed": (["train", "--model", "tiny", "--data", "{data}", "--seed", "-1"], "--seed must be a positive number"),
     "zero batch size": (["train", "--model", "tiny", "--data", "{data}", "--batch-size", "0"], "--batch-size must be a positive number"),
     "unavailable device": (["train", "--model", "tiny", "--data", "{data}", "--device", "tpu"], "--device tpu is not available here"),
     "zero learning rate": (["train", "--model", "tiny", "--data", "{data}", "--lr", "0"], "--lr must be a positive number"),
@@ -455,3 +456,10 @@ def test_generate_samples_with_temperature_and_top_k_the_same_answer_for_the_sam
     assert answer("--temperature", "0") == greedy != sampled and answer("--seed", "5") == greedy  # greedy by default
     code, _, _ = run(capsys, "generate", "--out", out, "hi", "--top-k", "0")
     assert code == "error: --temperature must be 0 or more, and --top-k 1 or more"
+
+
+def test_zero_is_a_seed_a_weight_decay_and_off_for_the_flags_whose_default_is_0():
+    cfg = sft.TrainConfig(model="tiny", seed=0, weight_decay=0, warmup_steps=0, max_grad_norm=0, lora_rank=0)
+    assert (cfg.seed, cfg.weight_decay) == (0, 0)
+    with pytest.raises(ValueError, match="--epochs must be a positive number, not 0"):
+        sft.TrainConfig(model="tiny", epochs=0)
